@@ -1,0 +1,9 @@
+"""anygpt-engine: an inference engine for AnyGPT-style any-to-any models."""
+
+from anygpt_engine.config import ModelConfig
+from anygpt_engine.engine import Engine
+from anygpt_engine.sampling import SamplingParams
+from anygpt_engine.vocab import Vocabulary
+
+__version__ = "0.1.0"
+__all__ = ["Engine", "ModelConfig", "SamplingParams", "Vocabulary", "__version__"]

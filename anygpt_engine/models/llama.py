@@ -1,0 +1,144 @@
+"""The LLaMA-2 backbone of AnyGPT, readable in one sitting.
+
+The engine's own weight layout (what checkpoints are loaded into):
+  tok_embeddings            [V, H]
+  layers.{i}.attention_norm [H]
+  layers.{i}.wqkv           [(Hq + 2*Hkv) * D, H]   q, k, v projections stacked (HF q,k,v_proj)
+  layers.{i}.wo             [H, Hq * D]
+  layers.{i}.ffn_norm       [H]
+  layers.{i}.w13            [2 * F, H]              gate and up projections stacked
+  layers.{i}.w2             [H, F]
+  norm                      [H]
+  output                    [V, H]                  (the embedding itself when tied)
+
+Rotary embedding is HF's rotate-half form, so HF checkpoints load without permuting q/k.
+Norms run through ops.rms_norm with the residual add fused in; accumulation is float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from anygpt_engine import ops
+from anygpt_engine.config import ModelConfig
+
+
+class KVCache:
+    """Contiguous per-row cache: k, v [layers, rows, kv_heads, capacity, head_dim]."""
+
+    def __init__(self, config: ModelConfig, rows: int, capacity: int, device, dtype):
+        shape = (config.num_layers, rows, config.num_kv_heads, capacity, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.capacity = capacity
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        kw = dict(device=device, dtype=dtype)
+        self.attention_norm = nn.Parameter(torch.ones(h, **kw))
+        self.wqkv = nn.Parameter(torch.empty(config.q_size + 2 * config.kv_size, h, **kw))
+        self.wo = nn.Parameter(torch.empty(h, config.q_size, **kw))
+        self.ffn_norm = nn.Parameter(torch.ones(h, **kw))
+        self.w13 = nn.Parameter(torch.empty(2 * f, h, **kw))
+        self.w2 = nn.Parameter(torch.empty(h, f, **kw))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: ModelConfig, device=None, dtype=None):
+        super().__init__()
+        self.config = config
+        kw = dict(device=device, dtype=dtype)
+        self.tok_embeddings = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size, **kw))
+        self.layers = nn.ModuleList(Block(config, device, dtype) for _ in range(config.num_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size, **kw))
+        self.output = None if config.tie_word_embeddings else nn.Parameter(
+            torch.empty(config.vocab_size, config.hidden_size, **kw))
+        half = config.head_dim // 2
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, dtype=torch.float32, device=device) / half))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def init_random(self, seed: int = 0, std: float = 0.02) -> None:
+        """Deterministic random weights (HF's init: N(0, std) matrices, unit norms)."""
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm"):
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)
+
+    @property
+    def lm_head(self) -> torch.Tensor:
+        return self.tok_embeddings if self.output is None else self.output
+
+    # -- pieces --------------------------------------------------------------------------------
+    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [..., head_dim] for integer positions, computed in float32 like HF."""
+        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    @staticmethod
+    def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
+
+    def attention(self, layer: int, block: Block, h: torch.Tensor, positions: torch.Tensor,
+                  cache: KVCache, rows: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """h [B, S, H] at `positions` [B, S]; writes k/v of these positions into cache rows
+        `rows` [B] and attends causally over cache positions [0, kv_len)."""
+        c = self.config
+        b, s, _ = h.shape
+        qkv = F.linear(h, block.wqkv)
+        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = q.view(b, s, c.num_heads, c.head_dim).transpose(1, 2)
+        k = k.view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+        q, k = self.apply_rotary(q, cos, sin), self.apply_rotary(k, cos, sin)
+        # Scatter this step's k/v to their positions: [B, Hkv, S, D] -> cache[layer, row, :, pos].
+        row_index = rows.view(b, 1).expand(b, s)
+        k_layer, v_layer = cache.k[layer], cache.v[layer]
+        k_layer[row_index, :, positions] = k.transpose(1, 2)
+        v_layer[row_index, :, positions] = v.transpose(1, 2)
+        keys = k_layer[rows, :, :kv_len]
+        values = v_layer[rows, :, :kv_len]
+        group = c.num_heads // c.num_kv_heads
+        if group > 1:
+            keys = keys.repeat_interleave(group, dim=1)
+            values = values.repeat_interleave(group, dim=1)
+        key_pos = torch.arange(kv_len, device=h.device)
+        mask = key_pos.view(1, 1, 1, kv_len) <= positions.view(b, 1, s, 1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return F.linear(out.transpose(1, 2).reshape(b, s, c.q_size), block.wo)
+
+    @staticmethod
+    def feed_forward(block: Block, h: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(h, block.w13).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, block.w2)
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor,
+                kv_len: int) -> torch.Tensor:
+        """Final-normed hidden states [B, S, H] of `tokens` [B, S] at `positions` [B, S]."""
+        c = self.config
+        residual = F.embedding(tokens, self.tok_embeddings)
+        h = ops.rms_norm(residual, self.layers[0].attention_norm, c.rms_norm_eps)
+        for i, block in enumerate(self.layers):
+            attn = self.attention(i, block, h, positions, cache, rows, kv_len)
+            h = ops.rms_norm(attn, block.ffn_norm, c.rms_norm_eps, residual=residual)
+            ffn = self.feed_forward(block, h)
+            next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
+            h = ops.rms_norm(ffn, next_norm, c.rms_norm_eps, residual=residual)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """float32 logits of final-normed hidden states."""
+        return F.linear(h, self.lm_head).float()

@@ -77,7 +77,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["anygpt_engine", "anygpt_engine.ops", "anygpt_engine.models", "anygpt_engine.tuning",
+    packages=["anygpt_engine", "anygpt_engine.ops", "anygpt_engine.models", "anygpt_engine.tuning", "anygpt_engine.codecs",
               "anygpt_engine.kernels"],
     package_dir={"anygpt_engine.kernels": "kernels"},
     package_data={"anygpt_engine": ["tuning/*.json"]},

@@ -63,9 +63,6 @@ class SamplingParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"SamplingParams.{name}={value!r}, expected an int >= {low}")
-        if self.min_new_tokens > self.max_new_tokens:
-            raise ValueError(f"SamplingParams.min_new_tokens={self.min_new_tokens} exceeds "
-                             f"max_new_tokens={self.max_new_tokens}")
         if self.stop_token_ids is not None:
             stops = tuple(self.stop_token_ids)
             if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in stops):

@@ -1,0 +1,111 @@
+"""Engine API on the tiny preset: inputs, errors, stopping, constrained decoding."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anygpt_engine import Engine, ModelConfig, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine("tiny", device="cpu")
+
+
+def test_presets():
+    big = ModelConfig.preset("anygpt-7b")
+    assert (big.num_layers, big.hidden_size, big.num_heads, big.intermediate_size, big.vocab_size) == (
+        32, 4096, 32, 11008, 53516)
+    assert (big.rope_theta, big.rms_norm_eps, big.dtype) == (10000.0, 1e-5, "bfloat16")
+    assert 6.5e9 < big.num_parameters() < 7.0e9
+    assert ModelConfig.preset("tiny").vocab_size == 53516
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        ModelConfig.preset("huge")
+    with pytest.raises(ValueError, match="num_heads=6 is not a multiple of num_kv_heads=4"):
+        ModelConfig(num_heads=6, num_kv_heads=4, hidden_size=96)
+
+
+def test_bad_inputs_raise_clear_errors(engine):
+    with pytest.raises(ValueError, match=r"prompts\[0\]\[1\]=53516 is outside the vocabulary"):
+        engine.generate([[1, 53516]])
+    with pytest.raises(ValueError, match=r"prompts\[1\] is empty"):
+        engine.generate([[1], []])
+    with pytest.raises(ValueError, match="has 4096 tokens; the context holds 4096"):
+        engine.logits([1] * 4096)
+    with pytest.raises(TypeError, match="dtype torch.float32, expected integer token ids"):
+        engine.logits(torch.tensor([1.0, 2.0]))
+    with pytest.raises(TypeError, match=r"prompt_ids\[1\]='a' is not an integer"):
+        engine.logits([1, "a"])
+    with pytest.raises(ValueError, match="params must be one SamplingParams or a list of 2"):
+        engine.generate([[1], [2]], [SamplingParams()])
+    with pytest.raises(ValueError, match="stop_token_ids has \\[99999\\]"):
+        engine.generate([[1]], SamplingParams(stop_token_ids=(99999,)))
+    with pytest.raises(ValueError, match="model='nope'"):
+        Engine("nope")
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        Engine("tiny", device="cpu", dtype="int8")
+
+
+def test_prompt_types_are_accepted(engine):
+    params = SamplingParams.greedy(5)
+    expected = engine.generate([[1, 40, 41]], params)
+    assert engine.generate([torch.tensor([1, 40, 41])], params) == expected
+    assert engine.generate([np.array([1, 40, 41], dtype=np.int32)], params) == expected
+    assert engine.generate(torch.tensor([[1, 40, 41]]), params) == expected
+
+
+def test_logits_are_float32_per_position(engine):
+    logits = engine.logits([1, 2, 3, 4])
+    assert logits.shape == (4, 53516) and logits.dtype == torch.float32
+    # Position i only sees tokens <= i: the prefix's logits do not depend on later tokens.
+    torch.testing.assert_close(engine.logits([1, 2])[1], logits[1], rtol=1e-5, atol=1e-6)
+
+
+def test_stop_token_ends_and_is_included(engine):
+    params = SamplingParams.greedy(20, stop_token_ids=())
+    free = engine.generate([[1, 2, 3]], params)[0]
+    stop = free[4]
+    stopped = engine.generate([[1, 2, 3]], SamplingParams.greedy(20, stop_token_ids=(stop,)))[0]
+    assert stopped == free[:free.index(stop) + 1]
+    # min_new_tokens keeps the stop token out until enough tokens were generated.
+    late = engine.generate([[1, 2, 3]], SamplingParams.greedy(20, stop_token_ids=(stop,), min_new_tokens=10))[0]
+    assert stop not in late[:10]
+
+
+def test_max_new_tokens_and_context_limit():
+    small = Engine(ModelConfig.preset("tiny").replace(max_seq_len=16), device="cpu")
+    outs = small.generate([[1] * 10, [1, 2]], SamplingParams(max_new_tokens=50, stop_token_ids=(), seed=0))
+    assert [len(o) for o in outs] == [6, 14]
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(engine):
+    params = [SamplingParams(temperature=1.0, top_k=50, seed=s, max_new_tokens=12, stop_token_ids=())
+              for s in (5, 6)]
+    batch = engine.generate([[1, 100], [1, 7, 8, 9]], params)
+    assert engine.generate([[1, 100]], params[0])[0] == batch[0]
+    assert engine.generate([[1, 7, 8, 9]], params[1])[0] == batch[1]
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from(["image", "speech", "music", "audio"]), st.integers(0, 2**31), st.integers(1, 3))
+def test_constrained_decoding_never_emits_illegal_ids(engine, modality, seed, prefix_len):
+    vocab = engine.vocab
+    prompt = [1] + list(range(100, 100 + prefix_len)) + [vocab.start_token(modality)]
+    out = engine.generate([prompt], SamplingParams(temperature=2.0, seed=seed, max_new_tokens=12,
+                                                   stop_token_ids=()))[0]
+    legal = set(vocab.range(modality)) | {vocab.end_token(modality)}
+    for i, token in enumerate(out):
+        assert token in legal, (i, token)
+        if token == vocab.end_token(modality):
+            break
+
+
+def test_constraint_switch_off(engine):
+    vocab = engine.vocab
+    prompt = [1, vocab.start_token("speech")]
+    unconstrained = Engine("tiny", device="cpu", constrain_modalities=False)
+    outs = unconstrained.generate([prompt], SamplingParams(temperature=3.0, seed=1, max_new_tokens=30,
+                                                           stop_token_ids=()))[0]
+    assert any(t not in vocab.range("speech") for t in outs)

@@ -49,7 +49,6 @@ class _Run:
     stops: list[frozenset]
     cache: KVCache
     sampling: SamplingTensors
-    rows: torch.Tensor  # [B] cache rows
     positions: torch.Tensor  # [B, 1] position of the next token to run
     last_tokens: torch.Tensor  # [B] newest sampled ids
     lengths: list[int]  # host count of each row's tokens (prompt + sampled): the next step's kv_len
@@ -132,7 +131,7 @@ class Engine:
         cache = KVCache(self.config, 1, n, self.device, self.dtype)
         tokens = torch.tensor([prompt], device=self.device)
         positions = torch.arange(n, device=self.device).unsqueeze(0)
-        h = self.model(tokens, positions, cache, torch.zeros(1, dtype=torch.long, device=self.device), n)
+        h = self.model(tokens, positions, cache, slice(0, 1), n)
         return self.model.logits(h[0])
 
     # -- generation ----------------------------------------------------------------------------
@@ -177,11 +176,10 @@ class Engine:
             n = len(prompt)
             tokens = torch.tensor([prompt], device=self.device)
             positions = torch.arange(n, device=self.device).unsqueeze(0)
-            h = self.model(tokens, positions, cache, torch.tensor([row], device=self.device), n)
+            h = self.model(tokens, positions, cache, slice(row, row + 1), n)
             last_logits[row] = self.model.logits(h[0, -1])
         run = _Run(
             prompts=prompts, max_new=max_new, stops=[frozenset(s) for s in stops], cache=cache, sampling=sampling,
-            rows=torch.arange(b, device=self.device),
             positions=torch.tensor([[len(x)] for x in prompts], device=self.device),
             last_tokens=torch.empty(b, dtype=torch.long, device=self.device),
             lengths=[len(x) for x in prompts], outputs=[[] for _ in prompts], finished=[False] * b,
@@ -193,7 +191,7 @@ class Engine:
     def _decode_step(self, run: _Run) -> torch.Tensor:
         """One batched decode step on the device: the newest tokens in, the next tokens out."""
         kv_len = max(n for n, done in zip(run.lengths, run.finished) if not done)
-        h = self.model(run.last_tokens.unsqueeze(1), run.positions, run.cache, run.rows, kv_len)
+        h = self.model(run.last_tokens.unsqueeze(1), run.positions, run.cache, slice(None), kv_len)
         tokens = sample(self.model.logits(h[:, -1]), run.sampling, self.constraint)
         # Finished rows keep running (their results are ignored) at a clamped position.
         run.positions.add_(1).clamp_(max=run.cache.capacity - 1)

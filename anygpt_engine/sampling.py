@@ -122,6 +122,12 @@ class SamplingTensors:
     seen: torch.Tensor  # [B, V] bool: tokens in prompt or output (repetition penalty)
     generated: torch.Tensor  # [B] i64: tokens sampled so far (also the noise counter)
     open_modality: torch.Tensor  # [B] i64: index into the constraint table, 0 = no span open
+    # Host-side facts about the whole batch, fixed at build time: they skip work no row needs
+    # without ever branching on device values.
+    any_random: bool = True
+    any_top_k: bool = True
+    any_top_p: bool = True
+    any_penalty: bool = True
 
     @classmethod
     def build(cls, params: list[SamplingParams], seeds: list[int], prompts: list[list[int]],
@@ -149,6 +155,10 @@ class SamplingTensors:
             seen=seen,
             generated=torch.zeros(b, dtype=torch.int64, device=device),
             open_modality=column(open_modality, torch.int64),
+            any_random=any(p.temperature > 0 for p in params),
+            any_top_k=any(p.top_k > 0 and p.temperature > 0 for p in params),
+            any_top_p=any(p.top_p < 1 and p.temperature > 0 for p in params),
+            any_penalty=any(p.repetition_penalty != 1 for p in params),
         )
 
 
@@ -195,9 +205,10 @@ class ModalityConstraint:
 
 def process_logits(logits: torch.Tensor, st: SamplingTensors, constraint: ModalityConstraint) -> torch.Tensor:
     """Repetition penalty and masks (transformers' logits processors) on float32 logits [B, V]."""
-    p = st.repetition_penalty.unsqueeze(1)
-    penalized = torch.where(logits < 0, logits * p, logits / p)
-    logits = torch.where(st.seen, penalized, logits)
+    if st.any_penalty:
+        p = st.repetition_penalty.unsqueeze(1)
+        penalized = torch.where(logits < 0, logits * p, logits / p)
+        logits = torch.where(st.seen, penalized, logits)
     illegal = ~constraint.allowed[st.open_modality]
     illegal |= st.stop_mask & (st.generated < st.min_new_tokens).unsqueeze(1)
     return logits.masked_fill(illegal, -math.inf)
@@ -209,28 +220,29 @@ def warp_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     temperature = torch.where(greedy, torch.ones_like(st.temperature), st.temperature)
     scores = logits / temperature.unsqueeze(1)
     vocab = scores.shape[1]
-    # top-k keeps every token >= the k-th largest (ties included), as TopKLogitsWarper does.
-    descending = scores.sort(dim=1, descending=True).values
-    k = torch.where(st.top_k > 0, st.top_k.clamp(max=vocab), torch.full_like(st.top_k, vocab))
-    kth = descending.gather(1, (k - 1).unsqueeze(1))
-    scores = scores.masked_fill(scores < kth, -math.inf)
-    # top-p: drop the low tail whose cumulative probability is <= 1 - top_p; keep at least one.
-    ascending, order = scores.sort(dim=1)
-    cumulative = ascending.softmax(dim=1).cumsum(dim=1)
-    drop_sorted = cumulative <= (1 - st.top_p).unsqueeze(1)
-    drop_sorted[:, -1] = False
-    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
-    return scores.masked_fill(drop, -math.inf)
+    if st.any_top_k:
+        # Keep every token >= the k-th largest (ties included), as TopKLogitsWarper does.
+        k = torch.where(st.top_k > 0, st.top_k.clamp(max=vocab), torch.full_like(st.top_k, vocab))
+        kth = scores.sort(dim=1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if st.any_top_p:
+        # Drop the low tail whose cumulative probability is <= 1 - top_p; keep at least one.
+        ascending, order = scores.sort(dim=1)
+        cumulative = ascending.softmax(dim=1).cumsum(dim=1)
+        drop_sorted = cumulative <= (1 - st.top_p).unsqueeze(1)
+        drop_sorted[:, -1] = False
+        scores = scores.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), -math.inf)
+    return scores
 
 
 def sample(logits: torch.Tensor, st: SamplingTensors, constraint: ModalityConstraint) -> torch.Tensor:
     """Next token per row [B] (int64) from float32 logits [B, V]; advances the state in place."""
     processed = process_logits(logits, st, constraint)
-    warped = warp_logits(processed, st)
-    noise = uniform_noise(st.seeds, st.generated, logits.shape[1])
-    gumbel = -torch.log(-torch.log(noise))
-    draw = torch.where((st.temperature == 0).unsqueeze(1), processed, warped + gumbel)
-    tokens = draw.argmax(dim=1)
+    if st.any_random:
+        noise = uniform_noise(st.seeds, st.generated, logits.shape[1])
+        gumbel = -torch.log(-torch.log(noise))
+        processed = torch.where((st.temperature == 0).unsqueeze(1), processed, warp_logits(processed, st) + gumbel)
+    tokens = processed.argmax(dim=1)
     st.seen.scatter_(1, tokens.unsqueeze(1), True)
     st.open_modality.copy_(constraint.advance(st.open_modality, tokens))
     st.generated += 1

@@ -90,33 +90,28 @@ class Llama(nn.Module):
         return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
 
     def attention(self, layer: int, block: Block, h: torch.Tensor, positions: torch.Tensor,
-                  cache: KVCache, rows: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """h [B, S, H] at `positions` [B, S]; writes k/v of these positions into cache rows
-        `rows` [B] and attends causally over cache positions [0, kv_len)."""
+                  cache: KVCache, rows: slice, kv_len: int) -> torch.Tensor:
+        """h [B, S, H] at `positions` [B, S]; writes k/v of these positions into the cache rows
+        `rows` (B of them) and attends causally over cache positions [0, kv_len)."""
         c = self.config
         b, s, _ = h.shape
         qkv = F.linear(h, block.wqkv)
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(b, s, c.num_heads, c.head_dim).transpose(1, 2)
         k = k.view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = v.view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = v.view(b, s, c.num_kv_heads, c.head_dim)
         cos, sin = self.rotary(positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
         q, k = self.apply_rotary(q, cos, sin), self.apply_rotary(k, cos, sin)
-        # Scatter this step's k/v to their positions: [B, Hkv, S, D] -> cache[layer, row, :, pos].
-        row_index = rows.view(b, 1).expand(b, s)
-        k_layer, v_layer = cache.k[layer], cache.v[layer]
-        k_layer[row_index, :, positions] = k.transpose(1, 2)
-        v_layer[row_index, :, positions] = v.transpose(1, 2)
-        keys = k_layer[rows, :, :kv_len]
-        values = v_layer[rows, :, :kv_len]
-        group = c.num_heads // c.num_kv_heads
-        if group > 1:
-            keys = keys.repeat_interleave(group, dim=1)
-            values = values.repeat_interleave(group, dim=1)
+        # Views of this batch's cache rows [B, Hkv, capacity, D]; scatter each token to its position.
+        k_rows, v_rows = cache.k[layer, rows], cache.v[layer, rows]
+        batch_index = torch.arange(b, device=h.device).view(b, 1).expand(b, s)
+        k_rows[batch_index, :, positions] = k.transpose(1, 2)
+        v_rows[batch_index, :, positions] = v
         key_pos = torch.arange(kv_len, device=h.device)
         mask = key_pos.view(1, 1, 1, kv_len) <= positions.view(b, 1, s, 1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        out = F.scaled_dot_product_attention(q, k_rows[:, :, :kv_len], v_rows[:, :, :kv_len], attn_mask=mask,
+                                             enable_gqa=c.num_heads != c.num_kv_heads)
         return F.linear(out.transpose(1, 2).reshape(b, s, c.q_size), block.wo)
 
     @staticmethod
@@ -125,7 +120,7 @@ class Llama(nn.Module):
         return F.linear(F.silu(gate) * up, block.w2)
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: torch.Tensor,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice,
                 kv_len: int) -> torch.Tensor:
         """Final-normed hidden states [B, S, H] of `tokens` [B, S] at `positions` [B, S]."""
         c = self.config

@@ -1,0 +1,235 @@
+"""`anygpt-engine bench`: end-to-end decode benchmark of the engine (and, with --compare hf,
+of transformers' generate on the same weights and shapes, in the same process).
+
+Reported: time to first token (prefill of the whole batch plus the first sample), decode
+tokens/s, ms per decode step p50/p99, bytes read per decode step (weights; KV cache), the
+achieved GB/s and its fraction of this device's copy bandwidth measured in the same run,
+and on a GPU its name, clocks, power and memory from NVML.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from anygpt_engine.engine import Engine, default_device, resolve_dtype
+from anygpt_engine.sampling import SamplingParams
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Measured device copy bandwidth in bytes/s, counting read + write."""
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of float32
+    src = torch.ones(n, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    times = []
+    for _ in range(10 if device.type == "cuda" else 3):
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * src.numel() * src.element_size() / min(times)
+
+
+def nvml_info(device: torch.device) -> dict:
+    """GPU name, clocks, power and memory; {} without a GPU or without pynvml."""
+    if device.type != "cuda":
+        return {}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # pynvml missing or no NVML library: the bench still runs
+        return {"gpu": torch.cuda.get_device_name(device)}
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        name = pynvml.nvmlDeviceGetName(handle)
+        return {
+            "gpu": name.decode() if isinstance(name, bytes) else name,
+            "sm_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM),
+            "mem_clock_mhz": pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_MEM),
+            "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000,
+            "power_limit_w": pynvml.nvmlDeviceGetEnforcedPowerManagementLimit(handle) / 1000,
+            "memory_used_gib": memory.used / 2**30,
+            "memory_total_gib": memory.total / 2**30,
+        }
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def _prompts(engine: Engine, batch_size: int, prompt_len: int, seed: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    text_ids = torch.randint(3, 32000, (batch_size, prompt_len - 1), generator=g)
+    return [[engine.config.bos_token_id] + row.tolist() for row in text_ids]
+
+
+def weight_bytes_per_step(engine: Engine, batch_size: int) -> int:
+    """Bytes of weights one decode step reads: every matrix and norm, but only the batch's
+    rows of the embedding table (the LM head reads its whole matrix)."""
+    model = engine.model
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.tok_embeddings
+    if model.output is not None:
+        total -= embed.numel() * embed.element_size()
+    return total + batch_size * embed.shape[1] * embed.element_size()
+
+
+def kv_bytes_per_step(engine: Engine, batch_size: int, context: float) -> float:
+    c = engine.config
+    return 2 * c.num_layers * batch_size * c.num_kv_heads * c.head_dim * context * engine.dtype.itemsize
+
+
+def run_engine(engine: Engine, prompts, new_tokens: int, progress: bool) -> dict:
+    params = SamplingParams.greedy(new_tokens, stop_token_ids=())
+    device = engine.device
+    _sync(device)
+    start = time.perf_counter()
+    run = engine._start(prompts, params)
+    _sync(device)
+    ttft = time.perf_counter() - start
+    steps = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=new_tokens - 1, desc="decode", unit="step", file=sys.stderr, leave=False)
+    while not all(run.finished):
+        step_start = time.perf_counter()
+        engine._collect(run, engine._decode_step(run))  # reading the ids syncs the device
+        steps.append(time.perf_counter() - step_start)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return {"ttft_s": ttft, "step_s": steps, "outputs": run.outputs, "total_s": ttft + sum(steps)}
+
+
+def run_hf(engine: Engine, prompts, new_tokens: int) -> dict:
+    """transformers' generate (eager, greedy) on the engine's weights, same shapes."""
+    try:
+        import transformers
+    except ImportError as err:
+        raise RuntimeError("--compare hf needs transformers (pip install 'anygpt-engine[hf]')") from err
+    from anygpt_engine.weights import hf_state_dict
+
+    config = transformers.LlamaConfig(**engine.config.to_hf_dict())
+    with torch.device(engine.device):
+        model = transformers.LlamaForCausalLM._from_config(config, dtype=engine.dtype).eval()
+    missing, unexpected = model.load_state_dict(hf_state_dict(engine.model, engine.config), strict=False)
+    if unexpected or any(not name.endswith("rotary_emb.inv_freq") for name in missing):
+        raise RuntimeError(f"exporting to transformers failed: missing {missing}, unexpected {unexpected}")
+    input_ids = torch.tensor(prompts, device=engine.device)
+    kwargs = dict(do_sample=False, top_k=None, top_p=None, temperature=None, pad_token_id=engine.config.pad_token_id,
+                  attention_mask=torch.ones_like(input_ids))
+    with torch.inference_mode():
+        model.generate(input_ids, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
+        _sync(engine.device)
+        start = time.perf_counter()
+        out = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        _sync(engine.device)
+        total = time.perf_counter() - start
+    return {"total_s": total, "outputs": out[:, input_ids.shape[1]:].tolist()}
+
+
+def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_tokens=None, dtype=None, device=None,
+              compare=None, seed=0, progress=True) -> dict:
+    device = torch.device(device) if device is not None else default_device()
+    if model == "auto":
+        model = "anygpt-7b" if device.type == "cuda" else "tiny"
+    if new_tokens is None:
+        new_tokens = 128 if device.type == "cuda" else 32
+    if batch_size < 1 or prompt_len < 1 or new_tokens < 2:
+        raise ValueError(f"batch_size={batch_size}, prompt_len={prompt_len}, new_tokens={new_tokens}: expected "
+                         "batch_size >= 1, prompt_len >= 1, new_tokens >= 2")
+    load_start = time.perf_counter()
+    engine = Engine(model, weights=weights, device=device, dtype=resolve_dtype(dtype) if dtype else None, seed=seed)
+    _sync(device)
+    load_s = time.perf_counter() - load_start
+    prompts = _prompts(engine, batch_size, prompt_len, seed)
+
+    run_engine(engine, prompts, min(4, new_tokens), progress=False)  # warm-up: allocator, kernels
+    result = run_engine(engine, prompts, new_tokens, progress)
+    steps = result["step_s"]
+    median = statistics.median(steps)
+    weight_bytes = weight_bytes_per_step(engine, batch_size)
+    kv_bytes = kv_bytes_per_step(engine, batch_size, prompt_len + new_tokens / 2)
+    bandwidth = copy_bandwidth(device)
+    report = {
+        "model": engine.config.name, "device": str(device), "dtype": str(engine.dtype).replace("torch.", ""),
+        "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
+        "parameters": engine.config.num_parameters(), "load_s": load_s,
+        "ttft_ms": result["ttft_s"] * 1e3,
+        "decode_tok_s": batch_size * len(steps) / sum(steps),
+        "step_ms_p50": median * 1e3, "step_ms_p99": _percentile(steps, 0.99) * 1e3,
+        "weight_bytes_per_step": weight_bytes, "kv_bytes_per_step": kv_bytes,
+        "achieved_gb_s": (weight_bytes + kv_bytes) / median / 1e9,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "fraction_of_copy_bandwidth": (weight_bytes + kv_bytes) / median / bandwidth,
+        "end_to_end_tok_s": batch_size * new_tokens / result["total_s"],
+        "git_sha": git_sha(), "torch": torch.__version__, "python": platform.python_version(),
+        "cpu": platform.processor() or platform.machine(),
+        **nvml_info(device),
+    }
+    if compare == "hf":
+        hf = run_hf(engine, prompts, new_tokens)
+        same = sum(a == b for ours, theirs in zip(result["outputs"], hf["outputs"]) for a, b in zip(ours, theirs))
+        report.update({
+            "hf_end_to_end_tok_s": batch_size * new_tokens / hf["total_s"],
+            "speedup_vs_hf": hf["total_s"] / result["total_s"],
+            "greedy_tokens_equal_to_hf": same / (batch_size * new_tokens),
+        })
+    elif compare is not None:
+        raise ValueError(f"compare={compare!r}, expected 'hf' or None")
+    return report
+
+
+_ROWS = [
+    ("model", "{}"), ("device", "{}"), ("gpu", "{}"), ("dtype", "{}"), ("batch_size", "{}"), ("prompt_len", "{}"),
+    ("new_tokens", "{}"), ("parameters", "{:,}"), ("ttft_ms", "{:.2f}"), ("decode_tok_s", "{:.1f}"),
+    ("step_ms_p50", "{:.3f}"), ("step_ms_p99", "{:.3f}"), ("weight_bytes_per_step", "{:,}"),
+    ("kv_bytes_per_step", "{:,.0f}"), ("achieved_gb_s", "{:.1f}"), ("copy_bandwidth_gb_s", "{:.1f}"),
+    ("fraction_of_copy_bandwidth", "{:.1%}"), ("end_to_end_tok_s", "{:.1f}"), ("hf_end_to_end_tok_s", "{:.1f}"),
+    ("speedup_vs_hf", "{:.2f}x"), ("greedy_tokens_equal_to_hf", "{:.1%}"), ("sm_clock_mhz", "{}"),
+    ("mem_clock_mhz", "{}"), ("power_w", "{:.0f}"), ("power_limit_w", "{:.0f}"), ("memory_used_gib", "{:.1f}"),
+    ("memory_total_gib", "{:.1f}"), ("git_sha", "{}"), ("torch", "{}"),
+]
+
+
+def format_table(report: dict) -> str:
+    lines = []
+    for key, fmt in _ROWS:
+        if key in report:
+            lines.append(f"{key:<28} {fmt.format(report[key])}")
+    return "\n".join(lines)
+
+
+def write_json(report: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2) + "\n")

@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -77,8 +77,7 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["anygpt_engine", "anygpt_engine.ops", "anygpt_engine.models", "anygpt_engine.tuning", "anygpt_engine.codecs",
-              "anygpt_engine.kernels"],
+    packages=[*find_packages(include=["anygpt_engine", "anygpt_engine.*"]), "anygpt_engine.kernels"],
     package_dir={"anygpt_engine.kernels": "kernels"},
     package_data={"anygpt_engine": ["tuning/*.json"]},
     ext_modules=[CMakeExtension("anygpt_engine._C")],

@@ -107,28 +107,35 @@ def kv_bytes_per_step(engine: Engine, batch_size: int, context: float) -> float:
 
 
 def run_engine(engine: Engine, prompts, new_tokens: int, progress: bool) -> dict:
+    """Serves `prompts` through add_request/step; the first step(s) prefill every prompt
+    and sample first tokens (time to first token), every later step is one decode step."""
     params = SamplingParams.greedy(new_tokens, stop_token_ids=())
     device = engine.device
     _sync(device)
     start = time.perf_counter()
-    run = engine._start(prompts, params)
-    _sync(device)
-    ttft = time.perf_counter() - start
-    steps = []
+    ids = [engine.add_request(p, params) for p in prompts]
+    outputs = {rid: [] for rid in ids}
+    ttft, steps = None, []
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=new_tokens - 1, desc="decode", unit="step", file=sys.stderr, leave=False)
-    while not all(run.finished):
+    while engine.has_unfinished():
         step_start = time.perf_counter()
-        engine._collect(run, engine._decode_step(run))  # reading the ids syncs the device
-        steps.append(time.perf_counter() - step_start)
-        if bar is not None:
-            bar.update(1)
+        for out in engine.step():  # reading the ids syncs the device
+            outputs[out.request_id].extend(out.new_token_ids)
+        now = time.perf_counter()
+        if ttft is None:
+            if all(outputs.values()):
+                ttft = now - start
+        else:
+            steps.append(now - step_start)
+            if bar is not None:
+                bar.update(1)
     if bar is not None:
         bar.close()
-    return {"ttft_s": ttft, "step_s": steps, "outputs": run.outputs, "total_s": ttft + sum(steps)}
+    return {"ttft_s": ttft, "step_s": steps, "outputs": [outputs[rid] for rid in ids], "total_s": ttft + sum(steps)}
 
 
 def run_hf(engine: Engine, prompts, new_tokens: int) -> dict:
@@ -174,13 +181,16 @@ def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_toke
     load_s = time.perf_counter() - load_start
     prompts = _prompts(engine, batch_size, prompt_len, seed)
 
-    run_engine(engine, prompts, min(4, new_tokens), progress=False)  # warm-up: allocator, kernels
+    # Warm-up (allocator, kernels) on other prompts, so the timed run finds no cached prefix.
+    run_engine(engine, _prompts(engine, batch_size, prompt_len, seed + 1), min(4, new_tokens), progress=False)
+    hits_before = engine.scheduler.blocks.hit_tokens, engine.scheduler.blocks.queried_tokens
     result = run_engine(engine, prompts, new_tokens, progress)
     steps = result["step_s"]
     median = statistics.median(steps)
     weight_bytes = weight_bytes_per_step(engine, batch_size)
     kv_bytes = kv_bytes_per_step(engine, batch_size, prompt_len + new_tokens / 2)
     bandwidth = copy_bandwidth(device)
+    stats = engine.stats()
     report = {
         "model": engine.config.name, "device": str(device), "dtype": str(engine.dtype).replace("torch.", ""),
         "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
@@ -193,6 +203,10 @@ def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_toke
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "fraction_of_copy_bandwidth": (weight_bytes + kv_bytes) / median / bandwidth,
         "end_to_end_tok_s": batch_size * new_tokens / result["total_s"],
+        "prefix_cache_hit_rate": (stats.prefix_hits - hits_before[0]) / max(1, stats.prefix_queries - hits_before[1]),
+        "preemptions": stats.preemptions, "kv_blocks": stats.total_blocks, "cuda_graphs": stats.graphs,
+        "graph_capture_s": stats.graph_capture_s,
+        "graph_buckets_used": [f"{b}x{w}" for b, w in stats.graph_buckets_used],
         "git_sha": git_sha(), "torch": torch.__version__, "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         **nvml_info(device),
@@ -216,7 +230,9 @@ _ROWS = [
     ("step_ms_p50", "{:.3f}"), ("step_ms_p99", "{:.3f}"), ("weight_bytes_per_step", "{:,}"),
     ("kv_bytes_per_step", "{:,.0f}"), ("achieved_gb_s", "{:.1f}"), ("copy_bandwidth_gb_s", "{:.1f}"),
     ("fraction_of_copy_bandwidth", "{:.1%}"), ("end_to_end_tok_s", "{:.1f}"), ("hf_end_to_end_tok_s", "{:.1f}"),
-    ("speedup_vs_hf", "{:.2f}x"), ("greedy_tokens_equal_to_hf", "{:.1%}"), ("sm_clock_mhz", "{}"),
+    ("speedup_vs_hf", "{:.2f}x"), ("greedy_tokens_equal_to_hf", "{:.1%}"), ("prefix_cache_hit_rate", "{:.1%}"),
+    ("preemptions", "{}"), ("kv_blocks", "{:,}"), ("cuda_graphs", "{}"), ("graph_capture_s", "{:.2f}"),
+    ("graph_buckets_used", "{}"), ("sm_clock_mhz", "{}"),
     ("mem_clock_mhz", "{}"), ("power_w", "{:.0f}"), ("power_limit_w", "{:.0f}"), ("memory_used_gib", "{:.1f}"),
     ("memory_total_gib", "{:.1f}"), ("git_sha", "{}"), ("torch", "{}"),
 ]

@@ -1,26 +1,37 @@
-"""The engine: a model, its vocabulary and weights on a device, and a generate loop.
+"""The engine: a model, its vocabulary and weights on a device, a paged KV cache, a
+continuous-batching scheduler, and (on CUDA) decode steps replayed as CUDA graphs.
 
     engine = Engine("anygpt-7b")                       # preset, random bf16 weights on a GPU
     engine = Engine("/ckpt/AnyGPT-base")               # HF checkpoint directory
     outs = engine.generate([[1, 32000, ...]], SamplingParams.anygpt("speech"))
 
-The KV cache here is a simple contiguous one (one row per prompt); prefill runs per prompt,
-decode steps run the whole batch. Each decode step is device-only work (model, then the
-sampler); the host reads the sampled ids once per step to decide which requests are done.
+    rid = engine.add_request(prompt_ids, params)       # serving loop
+    while engine.has_unfinished():
+        for out in engine.step(): ...                  # out.new_token_ids, out.finished
+
+Each step decodes one token for every running request and spends the rest of its token
+budget on prefill chunks. The decode step (embedding through sampling) is device-only work;
+the host reads the sampled ids once per step to update the requests. Nothing is global:
+engines with different models coexist in one process.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from anygpt_engine.config import ANYGPT_VOCAB_SIZE, PRESETS, ModelConfig
-from anygpt_engine.models.llama import KVCache, Llama
-from anygpt_engine.sampling import ModalityConstraint, SamplingParams, SamplingTensors, sample
+from anygpt_engine.models.llama import Llama
+from anygpt_engine.profiling import nvtx_range
+from anygpt_engine.runtime.graphs import DecodeGraphs, DecodeInputs, buckets
+from anygpt_engine.runtime.kv_cache import BlockManager, PagedKVCache
+from anygpt_engine.runtime.scheduler import PrefillChunk, Request, Scheduler
+from anygpt_engine.sampling import ModalityConstraint, SamplerWork, SamplingParams, SamplingState, sample
 from anygpt_engine.vocab import Vocabulary, token_ids
 from anygpt_engine.weights import load_into
 
@@ -41,26 +52,43 @@ def default_device() -> torch.device:
 
 
 @dataclass
-class _Run:
-    """A batch being generated: per-row outputs on the host, everything else on the device."""
+class RequestOutput:
+    request_id: object
+    new_token_ids: list[int]  # this step's tokens (one, or none for an abort)
+    finished: bool
+    finish_reason: str | None  # "stop" (a stop token), "length" (max_new_tokens or context), "abort"
 
-    prompts: list[list[int]]
-    max_new: list[int]
-    stops: list[frozenset]
-    cache: KVCache
-    sampling: SamplingTensors
-    positions: torch.Tensor  # [B, 1] position of the next token to run
-    last_tokens: torch.Tensor  # [B] newest sampled ids
-    lengths: list[int]  # host count of each row's tokens (prompt + sampled): the next step's kv_len
-    outputs: list[list[int]] = field(default_factory=list)
-    finished: list[bool] = field(default_factory=list)
+
+@dataclass
+class EngineStats:
+    total_blocks: int
+    free_blocks: int
+    cached_blocks: int
+    used_blocks: int
+    running: int
+    waiting: int
+    prefix_cache_hit_rate: float  # prompt tokens found in the cache / prompt tokens admitted
+    prefix_hits: int  # those two token counts
+    prefix_queries: int
+    preemptions: int
+    graphs: int
+    graph_capture_s: float
+    graph_buckets_used: list  # (batch, block-table width) buckets replayed so far
 
 
 class Engine:
-    """Runs one AnyGPT-style backbone. See the module docstring."""
+    """Runs one AnyGPT-style backbone. See the module docstring.
+
+    KV cache: `num_blocks` blocks of `block_size` tokens; without `num_blocks`, a CUDA engine
+    takes `kv_cache_memory_fraction` of the free GPU memory (capped at what max_batch_size
+    full-length sequences need) and a CPU engine exactly that cap.
+    """
 
     def __init__(self, model: str | os.PathLike | ModelConfig = "tiny", weights=None, device=None, dtype=None, *,
-                 vocab: Vocabulary | None = None, constrain_modalities: bool = True, seed: int = 0):
+                 vocab: Vocabulary | None = None, constrain_modalities: bool = True, seed: int = 0,
+                 block_size: int = 16, num_blocks: int | None = None, kv_cache_memory_fraction: float = 0.4,
+                 max_batch_size: int = 32, max_num_batched_tokens: int = 4096, enable_prefix_caching: bool = True,
+                 cuda_graphs: bool | None = None):
         checkpoint = None
         if isinstance(model, ModelConfig):
             config = model
@@ -72,6 +100,11 @@ class Engine:
         else:
             raise ValueError(f"model={model!r}, expected a preset {sorted(PRESETS)}, a ModelConfig or a checkpoint "
                              "directory")
+        for name, value in (("max_batch_size", max_batch_size), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}, expected a positive int")
+        if not 0 < kv_cache_memory_fraction < 1:
+            raise ValueError(f"kv_cache_memory_fraction={kv_cache_memory_fraction}, expected 0 < fraction < 1")
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -95,9 +128,37 @@ class Engine:
         if vocab.size > config.vocab_size:
             raise ValueError(f"vocab has {vocab.size} ids but the model's vocab_size is {config.vocab_size}")
         self.vocab = vocab
-        self.constraint = ModalityConstraint.build(vocab.__class__(config.vocab_size, vocab.spans, vocab.special),
+        self.constraint = ModalityConstraint.build(Vocabulary(config.vocab_size, vocab.spans, vocab.special),
                                                    self.device, enabled=constrain_modalities)
-        self._seed_source = random.Random(seed)
+        self._seeds = random.Random(seed)
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._requests: dict[object, Request] = {}
+        self._aborted: list[RequestOutput] = []
+
+        self.block_size = block_size
+        blocks_per_seq = -(-config.max_seq_len // block_size)
+        if num_blocks is None:
+            num_blocks = self._default_num_blocks(blocks_per_seq * max_batch_size + 1, kv_cache_memory_fraction)
+        self.kv_cache = PagedKVCache(config, num_blocks, block_size, self.device, self.dtype)
+        self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_batch_size,
+                                   max_num_batched_tokens)
+        # One sampling slot per schedulable request plus a scratch slot for padding rows.
+        self.scratch_slot = max_batch_size
+        self.sampling_state = SamplingState(max_batch_size + 1, config.vocab_size, self.device)
+
+        self.graphs = None
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs:
+            if self.device.type != "cuda":
+                raise ValueError("cuda_graphs=True needs a CUDA device")
+            widths = [w for w in buckets(blocks_per_seq, start=8) if w <= blocks_per_seq] or [blocks_per_seq]
+            if widths[-1] < blocks_per_seq:
+                widths.append(blocks_per_seq)
+            with torch.inference_mode():
+                self.graphs = DecodeGraphs(self._decode_forward, buckets(max_batch_size), widths, self.scratch_slot,
+                                           self.device)
 
     def _default_vocab(self, checkpoint: Path | None) -> Vocabulary:
         if checkpoint is not None:
@@ -109,10 +170,17 @@ class Engine:
             return Vocabulary.anygpt()
         return Vocabulary.text_only(self.config.vocab_size)
 
+    def _default_num_blocks(self, enough: int, fraction: float) -> int:
+        if self.device.type != "cuda":
+            return enough
+        free, _ = torch.cuda.mem_get_info(self.device)
+        per_block = PagedKVCache.bytes_per_block(self.config, self.block_size, self.dtype)
+        return max(2, min(enough, int(free * fraction) // per_block))
+
     def __repr__(self) -> str:
         c = self.config
         return (f"Engine({c.name}: {c.num_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}, "
-                f"{self.dtype}, {self.device})")
+                f"{self.dtype}, {self.device}, {self.kv_cache.num_blocks} KV blocks of {self.block_size})")
 
     # -- inputs --------------------------------------------------------------------------------
     def _prompt(self, name: str, ids) -> list[int]:
@@ -125,86 +193,200 @@ class Engine:
     # -- scoring -------------------------------------------------------------------------------
     @torch.inference_mode()
     def logits(self, prompt_ids) -> torch.Tensor:
-        """float32 logits [len, vocab] of every prompt position (position i predicts token i+1)."""
+        """float32 logits [len, vocab] of every prompt position (position i predicts token i+1).
+        Uses a private cache, so it never disturbs running requests."""
         prompt = self._prompt("prompt_ids", prompt_ids)
         n = len(prompt)
-        cache = KVCache(self.config, 1, n, self.device, self.dtype)
-        tokens = torch.tensor([prompt], device=self.device)
+        num_blocks = -(-n // self.block_size)
+        kv = PagedKVCache(self.config, num_blocks + 1, self.block_size, self.device, self.dtype)
+        table = torch.arange(1, num_blocks + 1, device=self.device).unsqueeze(0)
         positions = torch.arange(n, device=self.device).unsqueeze(0)
-        h = self.model(tokens, positions, cache, slice(0, 1), n)
+        slot_mapping = table[0, positions // self.block_size] * self.block_size + positions % self.block_size
+        h = self.model(torch.tensor([prompt], device=self.device), positions, kv.layers, slot_mapping, table)
         return self.model.logits(h[0])
 
-    # -- generation ----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[list[int]]:
-        """Generated ids for each prompt (a stop token, when sampled, ends and is included)."""
-        run = self._start(prompts, params)
-        while not all(run.finished):
-            self._collect(run, self._decode_step(run))
-        return run.outputs
+    # -- serving API ---------------------------------------------------------------------------
+    def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id=None):
+        """Queues a request; returns its id (given, or a fresh int). Raises for bad input and for
+        a request that could never fit in the KV cache."""
+        prompt = self._prompt("prompt_ids", prompt_ids)
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        bad = [t for t in (params.stop_token_ids or ()) if t >= self.config.vocab_size]
+        if bad:
+            raise ValueError(f"params.stop_token_ids has {bad}, outside the vocabulary (size {self.config.vocab_size})")
+        if request_id is None:
+            request_id = next(self._ids)
+            while request_id in self._requests:
+                request_id = next(self._ids)
+        elif request_id in self._requests:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        max_new = min(params.max_new_tokens, self.config.max_seq_len - len(prompt))
+        blocks = self.scheduler.blocks
+        need = blocks.blocks_for(len(prompt) + max_new)
+        if need > blocks.usable_blocks:
+            raise ValueError(f"request needs {need} KV blocks ({len(prompt)} prompt + {max_new} new tokens) but the "
+                             f"cache has {blocks.usable_blocks}; lower max_new_tokens or give the engine more blocks")
+        stops = params.stop_token_ids if params.stop_token_ids is not None else (self.config.eos_token_id,)
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        request = Request(request_id, prompt, params, seed, frozenset(stops), max_new, next(self._arrivals))
+        self._requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def abort(self, request_id) -> None:
+        """Ends a request now; the next step() reports it with finish_reason 'abort'."""
+        request = self._requests.get(request_id)
+        if request is None:
+            raise KeyError(f"request_id={request_id!r} is not a live request")
+        self._finish(request, "abort")
+        self._aborted.append(RequestOutput(request_id, [], True, "abort"))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    def stats(self) -> EngineStats:
+        blocks = self.scheduler.blocks
+        return EngineStats(
+            total_blocks=blocks.usable_blocks, free_blocks=blocks.num_free(), cached_blocks=blocks.num_cached(),
+            used_blocks=blocks.num_used(), running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            prefix_cache_hit_rate=blocks.hit_rate(), prefix_hits=blocks.hit_tokens,
+            prefix_queries=blocks.queried_tokens, preemptions=self.scheduler.num_preemptions,
+            graphs=len(self.graphs) if self.graphs else 0,
+            graph_capture_s=self.graphs.capture_seconds if self.graphs else 0.0,
+            graph_buckets_used=sorted(self.graphs.used) if self.graphs else [],
+        )
 
     @torch.inference_mode()
-    def _start(self, prompts, params) -> _Run:
-        """Validates, prefills every prompt and samples each row's first token."""
+    def step(self) -> list[RequestOutput]:
+        """One scheduling round: decode every running request, prefill what the budget allows."""
+        with nvtx_range("anygpt/step"):
+            outputs, self._aborted = self._aborted, []
+            schedule = self.scheduler.schedule()
+            for request in schedule.new_slots:
+                self.sampling_state.assign(request.slot, request.params, request.seed, request.prompt,
+                                           tuple(request.stop_ids), self.constraint.state_after(request.prompt))
+            sampled: list[tuple[Request, int]] = []
+            if schedule.decodes:
+                tokens = self._decode(schedule.decodes)
+                sampled += zip(schedule.decodes, tokens)
+            finishing = [(chunk.request, self._prefill(chunk)) for chunk in schedule.prefills]
+            finishing = [(request, logits) for request, logits in finishing if logits is not None]
+            if finishing:
+                last_logits = torch.stack([logits for _, logits in finishing])
+                requests = [request for request, _ in finishing]
+                slots = torch.tensor([r.slot for r in requests], device=self.device)
+                with nvtx_range("anygpt/sample"):
+                    tokens = sample(last_logits, slots, self.sampling_state, self.constraint,
+                                    SamplerWork.for_params([r.params for r in requests]))
+                sampled += zip(requests, tokens.tolist())
+            for request, token in sampled:
+                outputs.append(self._append(request, token))
+            return outputs
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
+                 return_tensors: bool = False) -> list:
+        """Generated ids for each prompt: lists of ints (or 1-D int64 tensors). A sampled stop
+        token ends its request and is included. Drives the engine until these requests end, so
+        it needs an engine with no other requests in flight."""
+        if self.has_unfinished():
+            raise RuntimeError("generate() drives the engine itself; finish or abort the requests added with "
+                               "add_request() first")
         if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
             prompts = list(prompts)
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty list of token-id sequences")
-        prompts = [self._prompt(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
-        if params is None:
-            params = SamplingParams()
-        if isinstance(params, SamplingParams):
+        if params is None or isinstance(params, SamplingParams):
             params = [params] * len(prompts)
-        if len(params) != len(prompts) or not all(isinstance(p, SamplingParams) for p in params):
-            raise ValueError(f"params must be one SamplingParams or a list of {len(prompts)}, got {params!r}")
-        for i, p in enumerate(params):
-            bad = [t for t in (p.stop_token_ids or ()) if t >= self.config.vocab_size]
-            if bad:
-                raise ValueError(f"params[{i}].stop_token_ids has {bad}, outside the vocabulary "
-                                 f"(size {self.config.vocab_size})")
+        if len(params) != len(prompts):
+            raise ValueError(f"params must be one SamplingParams or a list of {len(prompts)}, got {len(params)}")
+        # Validate everything before queueing anything, so a bad prompt leaves the engine idle.
+        checked = [self._prompt(f"prompts[{i}]", p) for i, p in enumerate(prompts)]
+        ids = []
+        try:
+            for prompt, p in zip(checked, params):
+                ids.append(self.add_request(prompt, p))
+        except (ValueError, TypeError):
+            for rid in ids:
+                self.abort(rid)
+            self._aborted.clear()
+            raise
+        results = {rid: [] for rid in ids}
+        while self.has_unfinished():
+            for out in self.step():
+                results[out.request_id].extend(out.new_token_ids)
+        outs = [results[rid] for rid in ids]
+        return [torch.tensor(o, dtype=torch.int64) for o in outs] if return_tensors else outs
 
-        b = len(prompts)
-        max_new = [min(p.max_new_tokens, self.config.max_seq_len - len(x)) for p, x in zip(params, prompts)]
-        capacity = max(len(x) + m for x, m in zip(prompts, max_new))
-        stops = [p.stop_token_ids if p.stop_token_ids is not None else (self.config.eos_token_id,) for p in params]
-        seeds = [p.seed if p.seed is not None else self._seed_source.getrandbits(63) for p in params]
-        sampling = SamplingTensors.build(params, seeds, prompts, stops, self.config.vocab_size, self.device,
-                                         [self.constraint.state_after(x) for x in prompts])
-        cache = KVCache(self.config, b, capacity, self.device, self.dtype)
-        last_logits = torch.empty(b, self.config.vocab_size, device=self.device, dtype=torch.float32)
-        for row, prompt in enumerate(prompts):
-            n = len(prompt)
-            tokens = torch.tensor([prompt], device=self.device)
-            positions = torch.arange(n, device=self.device).unsqueeze(0)
-            h = self.model(tokens, positions, cache, slice(row, row + 1), n)
-            last_logits[row] = self.model.logits(h[0, -1])
-        run = _Run(
-            prompts=prompts, max_new=max_new, stops=[frozenset(s) for s in stops], cache=cache, sampling=sampling,
-            positions=torch.tensor([[len(x)] for x in prompts], device=self.device),
-            last_tokens=torch.empty(b, dtype=torch.long, device=self.device),
-            lengths=[len(x) for x in prompts], outputs=[[] for _ in prompts], finished=[False] * b,
+    # -- execution -----------------------------------------------------------------------------
+    def _slot_of(self, table: list[int], position: int) -> int:
+        return table[position // self.block_size] * self.block_size + position % self.block_size
+
+    def _prefill(self, chunk: PrefillChunk):
+        """Runs one prefill chunk; returns the float32 logits of its last token when the chunk
+        completes the request's tokens (they are then sampled), else None."""
+        request = chunk.request
+        table = self.scheduler.blocks.tables[request.request_id].blocks
+        positions = list(range(chunk.start, chunk.end))
+        with nvtx_range("anygpt/prefill"):
+            h = self.model(
+                torch.tensor([request.tokens[chunk.start:chunk.end]], device=self.device),
+                torch.tensor([positions], device=self.device),
+                self.kv_cache.layers,
+                torch.tensor([[self._slot_of(table, p) for p in positions]], device=self.device),
+                torch.tensor([table[:-(-chunk.end // self.block_size)]], device=self.device),
+            )
+            request.num_computed = chunk.end
+            self.scheduler.blocks.commit(request.request_id, request.tokens[:chunk.end])
+            if not chunk.is_last:
+                return None
+            request.prefilled = True
+            return self.model.logits(h[0, -1])
+
+    def _decode_forward(self, inputs: DecodeInputs, work: SamplerWork = SamplerWork.ALL) -> torch.Tensor:
+        """Embedding through sampling for one token per row: device work only (graph-safe)."""
+        h = self.model(inputs.tokens.unsqueeze(1), inputs.positions.unsqueeze(1), self.kv_cache.layers,
+                       inputs.slot_mapping.unsqueeze(1), inputs.block_tables)
+        logits = self.model.logits(h[:, -1])
+        with nvtx_range("anygpt/sample"):
+            return sample(logits, inputs.slots, self.sampling_state, self.constraint, work)
+
+    def _decode(self, requests: list[Request]) -> list[int]:
+        tables = [self.scheduler.blocks.tables[r.request_id].blocks for r in requests]
+        width = max(len(t) for t in tables)
+        positions = [len(r.tokens) - 1 for r in requests]
+        host = DecodeInputs(
+            tokens=torch.tensor([r.tokens[-1] for r in requests]),
+            positions=torch.tensor(positions),
+            slot_mapping=torch.tensor([self._slot_of(t, p) for t, p in zip(tables, positions)]),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+            slots=torch.tensor([r.slot for r in requests]),
         )
-        self._collect(run, sample(last_logits, sampling, self.constraint))
-        return run
+        with nvtx_range("anygpt/decode_step"):
+            if self.graphs is not None:
+                tokens = self.graphs.run(host)
+            else:
+                device_inputs = DecodeInputs(**{k: v.to(self.device) for k, v in vars(host).items()})
+                tokens = self._decode_forward(device_inputs, SamplerWork.for_params([r.params for r in requests]))
+            ids = tokens.tolist()
+        for request in requests:
+            request.num_computed += 1
+            self.scheduler.blocks.commit(request.request_id, request.tokens)
+        return ids
 
-    @torch.inference_mode()
-    def _decode_step(self, run: _Run) -> torch.Tensor:
-        """One batched decode step on the device: the newest tokens in, the next tokens out."""
-        kv_len = max(n for n, done in zip(run.lengths, run.finished) if not done)
-        h = self.model(run.last_tokens.unsqueeze(1), run.positions, run.cache, slice(None), kv_len)
-        tokens = sample(self.model.logits(h[:, -1]), run.sampling, self.constraint)
-        # Finished rows keep running (their results are ignored) at a clamped position.
-        run.positions.add_(1).clamp_(max=run.cache.capacity - 1)
-        return tokens
+    def _append(self, request: Request, token: int) -> RequestOutput:
+        request.output.append(token)
+        reason = None
+        if token in request.stop_ids:
+            reason = "stop"
+        elif len(request.output) >= request.max_new:
+            reason = "length"
+        if reason:
+            self._finish(request, reason)
+        return RequestOutput(request.request_id, [token], reason is not None, reason)
 
-    @torch.inference_mode()
-    def _collect(self, run: _Run, tokens: torch.Tensor) -> None:
-        """Host side of a step: append each live row's token and mark finished rows."""
-        run.last_tokens.copy_(tokens)
-        for row, token in enumerate(tokens.tolist()):
-            if run.finished[row]:
-                continue
-            run.outputs[row].append(token)
-            run.lengths[row] += 1
-            if token in run.stops[row] or len(run.outputs[row]) >= run.max_new[row]:
-                run.finished[row] = True
+    def _finish(self, request: Request, reason: str) -> None:
+        request.finished, request.finish_reason = True, reason
+        self.scheduler.remove(request)
+        del self._requests[request.request_id]

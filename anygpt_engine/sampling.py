@@ -98,19 +98,47 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def unit_interval(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float32 in the open interval (0, 1): the top 23 bits, centred in their
+    bucket. (With 24 bits the largest value would round up to 1.0 in float32, and Gumbel noise
+    -log(-log(1)) = +inf would override the -inf of a masked token.)"""
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+
+
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """U(0, 1) noise [B, V] keyed by (seed, step, token id): batch composition never changes it."""
     token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
     key = _hash32(_hash32(seeds.unsqueeze(1) ^ 0x9E3779B9) + steps.unsqueeze(1) * 0x632BE5AB + 0x85EBCA6B)
-    bits = _hash32(key ^ _hash32(token + 0x27D4EB2F).unsqueeze(0))
-    # 24 random bits, centred in their bucket: never 0 or 1, so -log(-log(u)) stays finite.
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return unit_interval(_hash32(key ^ _hash32(token + 0x27D4EB2F).unsqueeze(0)))
 
 
-# -- per-batch sampling state ----------------------------------------------------------------
+# -- per-request sampling state ----------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplerWork:
+    """Which stages a batch needs, known on the host from its requests' params; skipping the
+    rest never branches on device values. Captured graphs use ALL so any batch can replay."""
+
+    random: bool = True
+    top_k: bool = True
+    top_p: bool = True
+    penalty: bool = True
+
+    @classmethod
+    def for_params(cls, params: list[SamplingParams]) -> "SamplerWork":
+        return cls(
+            random=any(p.temperature > 0 for p in params),
+            top_k=any(p.top_k > 0 and p.temperature > 0 for p in params),
+            top_p=any(p.top_p < 1 and p.temperature > 0 for p in params),
+            penalty=any(p.repetition_penalty != 1 for p in params),
+        )
+
+
+SamplerWork.ALL = SamplerWork()
+
+
 @dataclass
 class SamplingTensors:
-    """Per-row parameters and state of a batch, all on the model's device."""
+    """One batch's rows of the sampling state (see SamplingState.rows)."""
 
     temperature: torch.Tensor  # [B] f32
     top_k: torch.Tensor  # [B] i64, 0 = off
@@ -118,48 +146,49 @@ class SamplingTensors:
     repetition_penalty: torch.Tensor  # [B] f32
     min_new_tokens: torch.Tensor  # [B] i64
     seeds: torch.Tensor  # [B] i64
-    stop_mask: torch.Tensor  # [B, V] bool: tokens that end the row
+    stop_mask: torch.Tensor  # [B, V] bool: tokens that end the request
     seen: torch.Tensor  # [B, V] bool: tokens in prompt or output (repetition penalty)
     generated: torch.Tensor  # [B] i64: tokens sampled so far (also the noise counter)
     open_modality: torch.Tensor  # [B] i64: index into the constraint table, 0 = no span open
-    # Host-side facts about the whole batch, fixed at build time: they skip work no row needs
-    # without ever branching on device values.
-    any_random: bool = True
-    any_top_k: bool = True
-    any_top_p: bool = True
-    any_penalty: bool = True
 
-    @classmethod
-    def build(cls, params: list[SamplingParams], seeds: list[int], prompts: list[list[int]],
-              stop_ids: list[tuple[int, ...]], vocab_size: int, device: torch.device,
-              open_modality: list[int]) -> "SamplingTensors":
-        b = len(params)
-        stop_mask = torch.zeros(b, vocab_size, dtype=torch.bool, device=device)
-        seen = torch.zeros(b, vocab_size, dtype=torch.bool, device=device)
-        for row, (stops, prompt) in enumerate(zip(stop_ids, prompts)):
-            if stops:
-                stop_mask[row, torch.tensor(stops, device=device)] = True
-            seen[row, torch.tensor(prompt, device=device)] = True
 
-        def column(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
+class SamplingState:
+    """Parameters and state of every live request, one fixed slot each, on the device.
 
-        return cls(
-            temperature=column([p.temperature for p in params], torch.float32),
-            top_k=column([p.top_k for p in params], torch.int64),
-            top_p=column([p.top_p for p in params], torch.float32),
-            repetition_penalty=column([p.repetition_penalty for p in params], torch.float32),
-            min_new_tokens=column([p.min_new_tokens for p in params], torch.int64),
-            seeds=column([s & 0x7FFFFFFFFFFFFFFF for s in seeds], torch.int64),
-            stop_mask=stop_mask,
-            seen=seen,
-            generated=torch.zeros(b, dtype=torch.int64, device=device),
-            open_modality=column(open_modality, torch.int64),
-            any_random=any(p.temperature > 0 for p in params),
-            any_top_k=any(p.top_k > 0 and p.temperature > 0 for p in params),
-            any_top_p=any(p.top_p < 1 and p.temperature > 0 for p in params),
-            any_penalty=any(p.repetition_penalty != 1 for p in params),
-        )
+    A request keeps its slot from admission to its end (preemption included), so a decode
+    step only needs the slot ids of its rows: gathers and scatters at fixed addresses, which
+    a CUDA graph can replay for any batch."""
+
+    _FIELDS = (("temperature", torch.float32), ("top_k", torch.int64), ("top_p", torch.float32),
+               ("repetition_penalty", torch.float32), ("min_new_tokens", torch.int64), ("seeds", torch.int64),
+               ("generated", torch.int64), ("open_modality", torch.int64))
+
+    def __init__(self, num_slots: int, vocab_size: int, device: torch.device):
+        self.num_slots = num_slots
+        self.vocab_size = vocab_size
+        for name, dtype in self._FIELDS:
+            setattr(self, name, torch.zeros(num_slots, dtype=dtype, device=device))
+        self.stop_mask = torch.zeros(num_slots, vocab_size, dtype=torch.bool, device=device)
+        self.seen = torch.zeros(num_slots, vocab_size, dtype=torch.bool, device=device)
+
+    def assign(self, slot: int, params: SamplingParams, seed: int, prompt: list[int], stop_ids: tuple[int, ...],
+               open_modality: int) -> None:
+        """Initialises a slot for a new request (host to device; never inside a step)."""
+        values = dict(temperature=params.temperature, top_k=params.top_k, top_p=params.top_p,
+                      repetition_penalty=params.repetition_penalty, min_new_tokens=params.min_new_tokens,
+                      seeds=seed & 0x7FFFFFFFFFFFFFFF, generated=0, open_modality=open_modality)
+        for name, value in values.items():
+            getattr(self, name)[slot] = value
+        device = self.seen.device
+        self.stop_mask[slot] = False
+        if stop_ids:
+            self.stop_mask[slot, torch.tensor(stop_ids, device=device)] = True
+        self.seen[slot] = False
+        self.seen[slot, torch.tensor(prompt, device=device)] = True
+
+    def rows(self, slots: torch.Tensor) -> SamplingTensors:
+        return SamplingTensors(**{name: getattr(self, name)[slots] for name, _ in self._FIELDS},
+                               stop_mask=self.stop_mask[slots], seen=self.seen[slots])
 
 
 @dataclass
@@ -203,9 +232,10 @@ class ModalityConstraint:
         return torch.where(opened >= 0, opened, torch.where(closed, torch.zeros_like(state), state))
 
 
-def process_logits(logits: torch.Tensor, st: SamplingTensors, constraint: ModalityConstraint) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, st: SamplingTensors, constraint: ModalityConstraint,
+                   work: SamplerWork = SamplerWork.ALL) -> torch.Tensor:
     """Repetition penalty and masks (transformers' logits processors) on float32 logits [B, V]."""
-    if st.any_penalty:
+    if work.penalty:
         p = st.repetition_penalty.unsqueeze(1)
         penalized = torch.where(logits < 0, logits * p, logits / p)
         logits = torch.where(st.seen, penalized, logits)
@@ -214,18 +244,18 @@ def process_logits(logits: torch.Tensor, st: SamplingTensors, constraint: Modali
     return logits.masked_fill(illegal, -math.inf)
 
 
-def warp_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
+def warp_logits(logits: torch.Tensor, st: SamplingTensors, work: SamplerWork = SamplerWork.ALL) -> torch.Tensor:
     """Temperature, top-k, top-p (transformers' warpers, with their tie and keep-one rules)."""
     greedy = st.temperature == 0
     temperature = torch.where(greedy, torch.ones_like(st.temperature), st.temperature)
     scores = logits / temperature.unsqueeze(1)
     vocab = scores.shape[1]
-    if st.any_top_k:
+    if work.top_k:
         # Keep every token >= the k-th largest (ties included), as TopKLogitsWarper does.
         k = torch.where(st.top_k > 0, st.top_k.clamp(max=vocab), torch.full_like(st.top_k, vocab))
         kth = scores.sort(dim=1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
         scores = scores.masked_fill(scores < kth, -math.inf)
-    if st.any_top_p:
+    if work.top_p:
         # Drop the low tail whose cumulative probability is <= 1 - top_p; keep at least one.
         ascending, order = scores.sort(dim=1)
         cumulative = ascending.softmax(dim=1).cumsum(dim=1)
@@ -235,15 +265,19 @@ def warp_logits(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     return scores
 
 
-def sample(logits: torch.Tensor, st: SamplingTensors, constraint: ModalityConstraint) -> torch.Tensor:
-    """Next token per row [B] (int64) from float32 logits [B, V]; advances the state in place."""
-    processed = process_logits(logits, st, constraint)
-    if st.any_random:
+def sample(logits: torch.Tensor, slots: torch.Tensor, state: SamplingState, constraint: ModalityConstraint,
+           work: SamplerWork = SamplerWork.ALL) -> torch.Tensor:
+    """Next token [B] (int64) for the requests in `slots` [B] from float32 logits [B, V];
+    advances their state. Device work only: safe inside a CUDA graph."""
+    st = state.rows(slots)
+    processed = process_logits(logits, st, constraint, work)
+    if work.random:
         noise = uniform_noise(st.seeds, st.generated, logits.shape[1])
         gumbel = -torch.log(-torch.log(noise))
-        processed = torch.where((st.temperature == 0).unsqueeze(1), processed, warp_logits(processed, st) + gumbel)
+        processed = torch.where((st.temperature == 0).unsqueeze(1), processed,
+                                warp_logits(processed, st, work) + gumbel)
     tokens = processed.argmax(dim=1)
-    st.seen.scatter_(1, tokens.unsqueeze(1), True)
-    st.open_modality.copy_(constraint.advance(st.open_modality, tokens))
-    st.generated += 1
+    state.seen[slots, tokens] = True
+    state.open_modality[slots] = constraint.advance(st.open_modality, tokens)
+    state.generated[slots] = st.generated + 1
     return tokens

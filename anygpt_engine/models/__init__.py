@@ -1,3 +1,3 @@
-from anygpt_engine.models.llama import KVCache, Llama
+from anygpt_engine.models.llama import Llama
 
-__all__ = ["KVCache", "Llama"]
+__all__ = ["Llama"]

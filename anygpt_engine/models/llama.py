@@ -13,6 +13,8 @@ The engine's own weight layout (what checkpoints are loaded into):
 
 Rotary embedding is HF's rotate-half form, so HF checkpoints load without permuting q/k.
 Norms run through ops.rms_norm with the residual add fused in; accumulation is float32.
+Attention reads and writes the paged KV cache (layout in runtime/kv_cache.py); prefill chunks
+and decode steps are the same code with different shapes.
 """
 
 from __future__ import annotations
@@ -23,16 +25,7 @@ from torch import nn
 
 from anygpt_engine import ops
 from anygpt_engine.config import ModelConfig
-
-
-class KVCache:
-    """Contiguous per-row cache: k, v [layers, rows, kv_heads, capacity, head_dim]."""
-
-    def __init__(self, config: ModelConfig, rows: int, capacity: int, device, dtype):
-        shape = (config.num_layers, rows, config.num_kv_heads, capacity, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.capacity = capacity
+from anygpt_engine.profiling import nvtx_range
 
 
 class Block(nn.Module):
@@ -89,28 +82,30 @@ class Llama(nn.Module):
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
 
-    def attention(self, layer: int, block: Block, h: torch.Tensor, positions: torch.Tensor,
-                  cache: KVCache, rows: slice, kv_len: int) -> torch.Tensor:
-        """h [B, S, H] at `positions` [B, S]; writes k/v of these positions into the cache rows
-        `rows` (B of them) and attends causally over cache positions [0, kv_len)."""
+    def attention(self, block: Block, h: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
+                  slot_mapping: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """h [B, S, H] at `positions` [B, S]. Writes this layer's k/v of each token to its cache
+        slot (`slot_mapping` [B, S]) in `kv` [2, blocks, block_size, Hkv, D], then attends
+        causally over each row's blocks (`block_tables` [B, nb]; entries past a row's length may
+        name any block: the position mask hides them)."""
         c = self.config
         b, s, _ = h.shape
         qkv = F.linear(h, block.wqkv)
         q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
         q = q.view(b, s, c.num_heads, c.head_dim).transpose(1, 2)
-        k = k.view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        k = k.view(b, s, c.num_kv_heads, c.head_dim)
         v = v.view(b, s, c.num_kv_heads, c.head_dim)
         cos, sin = self.rotary(positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
-        q, k = self.apply_rotary(q, cos, sin), self.apply_rotary(k, cos, sin)
-        # Views of this batch's cache rows [B, Hkv, capacity, D]; scatter each token to its position.
-        k_rows, v_rows = cache.k[layer, rows], cache.v[layer, rows]
-        batch_index = torch.arange(b, device=h.device).view(b, 1).expand(b, s)
-        k_rows[batch_index, :, positions] = k.transpose(1, 2)
-        v_rows[batch_index, :, positions] = v
-        key_pos = torch.arange(kv_len, device=h.device)
-        mask = key_pos.view(1, 1, 1, kv_len) <= positions.view(b, 1, s, 1)
-        out = F.scaled_dot_product_attention(q, k_rows[:, :, :kv_len], v_rows[:, :, :kv_len], attn_mask=mask,
+        q = self.apply_rotary(q, cos.unsqueeze(1), sin.unsqueeze(1))
+        k = self.apply_rotary(k, cos.unsqueeze(2), sin.unsqueeze(2))
+        slots = slot_mapping.reshape(-1)
+        kv[0].view(-1, c.num_kv_heads, c.head_dim).index_copy_(0, slots, k.reshape(-1, c.num_kv_heads, c.head_dim))
+        kv[1].view(-1, c.num_kv_heads, c.head_dim).index_copy_(0, slots, v.reshape(-1, c.num_kv_heads, c.head_dim))
+        context = block_tables.shape[1] * kv.shape[2]
+        keys = kv[0][block_tables].view(b, context, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        values = kv[1][block_tables].view(b, context, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        mask = torch.arange(context, device=h.device).view(1, 1, 1, context) <= positions.view(b, 1, s, 1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                              enable_gqa=c.num_heads != c.num_kv_heads)
         return F.linear(out.transpose(1, 2).reshape(b, s, c.q_size), block.wo)
 
@@ -120,20 +115,28 @@ class Llama(nn.Module):
         return F.linear(F.silu(gate) * up, block.w2)
 
     # -- forward -------------------------------------------------------------------------------
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache, rows: slice,
-                kv_len: int) -> torch.Tensor:
-        """Final-normed hidden states [B, S, H] of `tokens` [B, S] at `positions` [B, S]."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_layers: list[torch.Tensor],
+                slot_mapping: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden states [B, S, H] of `tokens` [B, S] at `positions` [B, S], with
+        the paged cache `kv_layers` (one tensor per layer) read and written in place."""
         c = self.config
-        residual = F.embedding(tokens, self.tok_embeddings)
-        h = ops.rms_norm(residual, self.layers[0].attention_norm, c.rms_norm_eps)
+        with nvtx_range("anygpt/op/embedding"):
+            residual = F.embedding(tokens, self.tok_embeddings)
+        with nvtx_range("anygpt/op/rms_norm"):
+            h = ops.rms_norm(residual, self.layers[0].attention_norm, c.rms_norm_eps)
         for i, block in enumerate(self.layers):
-            attn = self.attention(i, block, h, positions, cache, rows, kv_len)
-            h = ops.rms_norm(attn, block.ffn_norm, c.rms_norm_eps, residual=residual)
-            ffn = self.feed_forward(block, h)
+            with nvtx_range("anygpt/op/attention"):
+                attn = self.attention(block, h, positions, kv_layers[i], slot_mapping, block_tables)
+            with nvtx_range("anygpt/op/rms_norm"):
+                h = ops.rms_norm(attn, block.ffn_norm, c.rms_norm_eps, residual=residual)
+            with nvtx_range("anygpt/op/mlp"):
+                ffn = self.feed_forward(block, h)
             next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
-            h = ops.rms_norm(ffn, next_norm, c.rms_norm_eps, residual=residual)
+            with nvtx_range("anygpt/op/rms_norm"):
+                h = ops.rms_norm(ffn, next_norm, c.rms_norm_eps, residual=residual)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """float32 logits of final-normed hidden states."""
-        return F.linear(h, self.lm_head).float()
+        with nvtx_range("anygpt/op/lm_head"):
+            return F.linear(h, self.lm_head).float()

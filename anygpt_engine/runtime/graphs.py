@@ -1,0 +1,106 @@
+"""CUDA-graph decode: one graph per (batch bucket, block-table width bucket), captured at
+start-up and replayed every step.
+
+Each graph owns fixed-address inputs (token ids, positions, cache slots, block tables,
+sampling slots) and its output ids. A step copies its batch into the smallest bucket that
+holds it: padding rows run token 0 at position 0, write to the scratch block 0 and sample
+into the scratch sampling slot, so they never touch a live request. Widths are block-table
+columns; entries past a row's length point at block 0 and are hidden by the position mask,
+so one graph serves every context length up to its width (no recapture per length).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from anygpt_engine.profiling import nvtx_range
+
+
+def buckets(limit: int, start: int = 1) -> list[int]:
+    """Powers of two from `start` up to the first one >= limit."""
+    sizes = [start]
+    while sizes[-1] < limit:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+def bucket_for(sizes: list[int], n: int) -> int:
+    for size in sizes:
+        if size >= n:
+            return size
+    raise ValueError(f"{n} exceeds the largest bucket {sizes[-1]}")
+
+
+@dataclass
+class DecodeInputs:
+    tokens: torch.Tensor  # [B] i64
+    positions: torch.Tensor  # [B] i64
+    slot_mapping: torch.Tensor  # [B] i64: cache slot of each token
+    block_tables: torch.Tensor  # [B, W] i64
+    slots: torch.Tensor  # [B] i64: sampling-state slot of each row
+
+    @classmethod
+    def empty(cls, batch: int, width: int, scratch_slot: int, device) -> "DecodeInputs":
+        def zeros(*shape):
+            return torch.zeros(shape, dtype=torch.int64, device=device)
+
+        return cls(zeros(batch), zeros(batch), zeros(batch), zeros(batch, width),
+                   torch.full((batch,), scratch_slot, dtype=torch.int64, device=device))
+
+    def fill(self, host: "DecodeInputs", scratch_slot: int) -> None:
+        """Copies a smaller host batch into these buffers and pads the rest."""
+        n, w = host.block_tables.shape
+        for name in ("tokens", "positions", "slot_mapping"):
+            target = getattr(self, name)
+            target[:n].copy_(getattr(host, name), non_blocking=True)
+            target[n:].zero_()
+        self.block_tables.zero_()
+        self.block_tables[:n, :w].copy_(host.block_tables, non_blocking=True)
+        self.slots[:n].copy_(host.slots, non_blocking=True)
+        self.slots[n:].fill_(scratch_slot)
+
+
+class DecodeGraphs:
+    """Captured decode steps. `step_fn(inputs) -> ids` must only do device work."""
+
+    def __init__(self, step_fn: Callable[[DecodeInputs], torch.Tensor], batch_sizes: list[int], widths: list[int],
+                 scratch_slot: int, device: torch.device):
+        self.batch_sizes = batch_sizes
+        self.widths = widths
+        self.scratch_slot = scratch_slot
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, DecodeInputs, torch.Tensor]] = {}
+        self.used: set[tuple[int, int]] = set()
+        start = time.perf_counter()
+        pool = torch.cuda.graph_pool_handle()
+        with nvtx_range("anygpt/graph_capture"):
+            # Largest first, so the shared pool is sized once by the biggest graph.
+            for batch in reversed(batch_sizes):
+                for width in reversed(widths):
+                    inputs = DecodeInputs.empty(batch, width, scratch_slot, device)
+                    side = torch.cuda.Stream(device)
+                    side.wait_stream(torch.cuda.current_stream(device))
+                    with torch.cuda.stream(side):
+                        step_fn(inputs)  # warm-up: lazy initialisation stays out of the graph
+                    torch.cuda.current_stream(device).wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        out = step_fn(inputs)
+                    self._graphs[(batch, width)] = (graph, inputs, out)
+        torch.cuda.synchronize(device)
+        self.capture_seconds = time.perf_counter() - start
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def run(self, host: DecodeInputs) -> torch.Tensor:
+        n, w = host.block_tables.shape
+        key = (bucket_for(self.batch_sizes, n), bucket_for(self.widths, w))
+        graph, inputs, out = self._graphs[key]
+        inputs.fill(host, self.scratch_slot)
+        graph.replay()
+        self.used.add(key)
+        return out[:n]

@@ -1,0 +1,147 @@
+"""Continuous batching: which requests prefill and which decode in each engine step.
+
+Host-side only (no tensors), so its invariants are testable without a model. Each step:
+  1. every running request that has finished its prefill decodes one token; it needs room for
+     that token in the cache, and when the pool has none the newest running request is
+     preempted (blocks freed, to be recomputed later from its prompt and output so far);
+  2. the rest of the token budget goes to prefill chunks: first requests part-way through
+     their prefill, then waiting ones in arrival order (preempted requests keep their place).
+A request keeps one sampling slot from admission to its end, preemption included.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+from anygpt_engine.runtime.kv_cache import BlockManager
+from anygpt_engine.sampling import SamplingParams
+
+
+@dataclass
+class Request:
+    request_id: object
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    stop_ids: frozenset
+    max_new: int  # max_new_tokens, capped by the context
+    arrival: int
+    output: list[int] = field(default_factory=list)
+    slot: int | None = None
+    num_computed: int = 0  # leading tokens whose K/V are in the cache
+    prefilled: bool = False  # True once its tokens are all computed and it decodes
+    finished: bool = False
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    def __lt__(self, other: "Request") -> bool:  # waiting queue order
+        return self.arrival < other.arrival
+
+
+@dataclass
+class PrefillChunk:
+    request: Request
+    start: int  # first token of the chunk
+    end: int  # one past its last token
+
+    @property
+    def is_last(self) -> bool:
+        """The chunk reaches the end of the request's tokens: its last logits are sampled."""
+        return self.end == len(self.request.tokens)
+
+
+@dataclass
+class Schedule:
+    decodes: list[Request]
+    prefills: list[PrefillChunk]
+    preempted: list[Request]
+    new_slots: list[Request]  # admitted for the first time: their sampling slot needs its state
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_batch_size = max_batch_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: list[Request] = []  # sorted by arrival
+        self.running: list[Request] = []  # admitted, sorted by arrival
+        self.free_slots = list(range(max_batch_size - 1, -1, -1))
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        bisect.insort(self.waiting, request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, request: Request) -> None:
+        """Drops a finished or aborted request and gives back its blocks and slot."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        if request.request_id in self.blocks.tables:
+            self.blocks.free(request.request_id)
+        if request.slot is not None:
+            self.free_slots.append(request.slot)
+            request.slot = None
+
+    def _preempt(self, victim: Request) -> None:
+        self.running.remove(victim)
+        self.blocks.free(victim.request_id)
+        victim.num_computed, victim.prefilled = 0, False
+        bisect.insort(self.waiting, victim)
+        self.num_preemptions += 1
+
+    def schedule(self) -> Schedule:
+        preempted: list[Request] = []
+        decodes: list[Request] = []
+        for request in [r for r in self.running if r.prefilled]:
+            if request not in self.running:  # preempted earlier in this loop
+                continue
+            while not self.blocks.can_grow(request.request_id, 1):
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is request:
+                    break
+            else:
+                self.blocks.grow(request.request_id, 1)
+                decodes.append(request)
+
+        budget = self.max_num_batched_tokens - len(decodes)
+        prefills: list[PrefillChunk] = []
+        new_slots: list[Request] = []
+        for request in [r for r in self.running if not r.prefilled]:
+            if budget <= 0:
+                break
+            n = min(len(request.tokens) - request.num_computed, budget)
+            if not self.blocks.can_grow(request.request_id, n):
+                break
+            self.blocks.grow(request.request_id, n)
+            prefills.append(PrefillChunk(request, request.num_computed, request.num_computed + n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+            request = self.waiting[0]
+            if request.slot is None and not self.free_slots:
+                break
+            tokens = request.tokens
+            cached = len(self.blocks.match_prefix(tokens)) * self.blocks.block_size
+            n = min(len(tokens) - cached, budget)
+            if not self.blocks.can_admit(tokens, n):
+                break
+            self.waiting.pop(0)
+            cached = self.blocks.admit(request.request_id, tokens)
+            self.blocks.grow(request.request_id, n)
+            request.num_computed = cached
+            if request.slot is None:
+                request.slot = self.free_slots.pop()
+                new_slots.append(request)
+            bisect.insort(self.running, request)
+            prefills.append(PrefillChunk(request, cached, cached + n))
+            budget -= n
+        return Schedule(decodes, prefills, preempted, new_slots)

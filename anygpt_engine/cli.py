@@ -1,4 +1,4 @@
-"""Command line: `anygpt-engine bench` (see anygpt_engine.bench)."""
+"""Command line: `anygpt-engine bench` (see anygpt_engine.bench) and `anygpt-engine profile`."""
 
 from __future__ import annotations
 
@@ -19,6 +19,33 @@ def _bench(args) -> int:
     return 0
 
 
+def _profile(args) -> int:
+    from anygpt_engine import bench, profiling
+    from anygpt_engine.engine import Engine
+
+    nvtx_on = profiling.enable(True)
+    engine = Engine(args.model if args.model != "auto" else ("anygpt-7b" if bench.default_device().type == "cuda"
+                                                             else "tiny"),
+                    device=args.device, cuda_graphs=False if args.eager else None, max_batch_size=args.batch_size)
+    prompts = bench._prompts(engine, args.batch_size, args.prompt_len, seed=0)
+    bench.run_engine(engine, bench._prompts(engine, args.batch_size, args.prompt_len, seed=1), 4, progress=False)
+    cuda = engine.device.type == "cuda"
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.profiler.start()  # for nsys --capture-range=cudaProfilerApi
+    result = bench.run_engine(engine, prompts, args.new_tokens, progress=False)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.profiler.stop()
+    print(f"profiled {engine!r}: batch {args.batch_size}, prompt {args.prompt_len}, {args.new_tokens} new tokens, "
+          f"{'CUDA graphs' if engine.graphs else 'eager'}, NVTX {'on' if nvtx_on else 'unavailable'}; "
+          f"ttft {result['ttft_s'] * 1e3:.1f} ms, decode step p50 "
+          f"{sorted(result['step_s'])[len(result['step_s']) // 2] * 1e3:.2f} ms")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anygpt-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_bench)
+
+    p = sub.add_parser("profile", help="short fixed workload with NVTX ranges, for nsys and ncu (docs/profiling.md)")
+    p.add_argument("--model", default="auto", help="preset or checkpoint directory (default as for bench)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--device", default=None)
+    p.add_argument("--eager", action="store_true",
+                   help="no CUDA graphs: every op gets its own NVTX range (graph replays show one range)")
+    p.set_defaults(func=_profile)
     return parser
 
 

@@ -164,7 +164,8 @@ class BlockManager:
                 del self._lru[block]
             meta.ref += 1
             table.blocks.append(block)
-        table.num_tokens = table.num_hashed = len(table.blocks) * self.block_size
+        table.num_hashed = len(table.blocks)
+        table.num_tokens = len(table.blocks) * self.block_size
         self.hit_tokens += table.num_tokens
         self.queried_tokens += len(tokens)
         return table.num_tokens

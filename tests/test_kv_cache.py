@@ -1,0 +1,221 @@
+"""Block manager invariants under random operations (hypothesis state machine) and prefix
+sharing; the scheduler's preemption and admission rules."""
+
+import random
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from anygpt_engine.runtime.kv_cache import BlockManager, PagedKVCache
+from anygpt_engine.runtime.scheduler import Request, Scheduler
+from anygpt_engine.sampling import SamplingParams
+
+BS = 4
+
+
+class BlockPoolMachine(RuleBasedStateMachine):
+    """Sequences come, grow, get their tokens committed, and leave, over a small pool with a
+    tiny token alphabet so prefixes collide often."""
+
+    def __init__(self):
+        super().__init__()
+        self.manager = BlockManager(num_blocks=24, block_size=BS)
+        self.tokens: dict[int, list[int]] = {}
+        self.next_id = 0
+
+    @rule(prompt=st.lists(st.integers(0, 2), min_size=1, max_size=30), extra=st.integers(0, 6))
+    def admit(self, prompt, extra):
+        cached = len(self.manager.match_prefix(prompt)) * BS
+        n = len(prompt) - cached
+        if not self.manager.can_admit(prompt, n):
+            return
+        got = self.manager.admit(self.next_id, prompt)
+        assert got == cached and got < len(prompt)
+        self.manager.grow(self.next_id, n)
+        self.manager.commit(self.next_id, prompt)
+        self.tokens[self.next_id] = list(prompt)
+        self.next_id += 1
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), token=st.integers(0, 2))
+    def decode(self, data, token):
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        if not self.manager.can_grow(seq, 1):
+            return
+        self.manager.grow(seq, 1)
+        self.tokens[seq].append(token)
+        self.manager.commit(seq, self.tokens[seq])
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def finish(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        self.manager.free(seq)
+        del self.tokens[seq]
+
+    @invariant()
+    def invariants_hold(self):
+        self.manager.check()
+
+    @invariant()
+    def tables_hold_their_tokens(self):
+        for seq, tokens in self.tokens.items():
+            table = self.manager.tables[seq]
+            assert table.num_tokens == len(tokens)
+
+    def teardown(self):
+        for seq in list(self.tokens):
+            self.manager.free(seq)
+        self.manager.check()
+        assert self.manager.num_used() == 0
+
+
+TestBlockPool = BlockPoolMachine.TestCase
+TestBlockPool.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
+
+
+def test_identical_prefixes_share_full_blocks():
+    m = BlockManager(num_blocks=16, block_size=BS)
+    system = list(range(10))  # two full blocks + 2 tokens
+    a, b = system + [50], system + [60]
+    m.admit("a", a)
+    m.grow("a", len(a))
+    m.commit("a", a)
+    assert m.match_prefix(b) == m.tables["a"].blocks[:2]
+    assert m.admit("b", b) == 8
+    m.grow("b", len(b) - 8)
+    assert m.tables["b"].blocks[:2] == m.tables["a"].blocks[:2]
+    assert m.tables["b"].blocks[2] != m.tables["a"].blocks[2]
+    m.check()
+    # After both end the shared blocks stay cached (LRU) and a third prompt revives them.
+    m.free("a")
+    m.free("b")
+    m.check()
+    assert m.num_cached() == 2 and m.num_used() == 0
+    assert m.admit("c", system + [1]) == 8
+    assert m.hit_rate() == pytest.approx(16 / (11 + 11 + 11))
+    m.free("c")
+    m.check()
+
+
+def test_prefix_match_never_covers_the_last_token():
+    m = BlockManager(num_blocks=8, block_size=BS)
+    tokens = list(range(8))  # exactly two blocks
+    m.admit(0, tokens)
+    m.grow(0, 8)
+    m.commit(0, tokens)
+    assert len(m.match_prefix(tokens)) == 1  # the last token must be recomputed for its logits
+    assert len(m.match_prefix(tokens + [9])) == 2
+
+
+def test_cached_blocks_are_evicted_least_recently_used_first():
+    m = BlockManager(num_blocks=5, block_size=BS)  # 4 usable
+    for seq in range(2):
+        tokens = [seq * 10 + i for i in range(BS)] + [99]
+        m.admit(seq, tokens)
+        m.grow(seq, len(tokens))
+        m.commit(seq, tokens)
+        m.free(seq)
+    assert m.num_cached() == 2 and m.num_free() == 2
+    m.admit("big", [7] * 13)
+    m.grow("big", 13)  # 4 blocks: both free ones, then the older cached one... and the newer
+    m.check()
+    assert m.num_cached() == 0 and m.num_used() == 4
+
+
+def test_kv_cache_rejects_bad_sizes():
+    from anygpt_engine import ModelConfig
+    config = ModelConfig.preset("tiny")
+    with pytest.raises(ValueError, match="block_size=12, expected a power of two"):
+        PagedKVCache(config, 4, 12, "cpu", None)
+    with pytest.raises(ValueError, match="num_blocks=1"):
+        PagedKVCache(config, 1, 16, "cpu", None)
+
+
+def _request(i, prompt_len, max_new):
+    return Request(i, [1] * prompt_len, SamplingParams(max_new_tokens=max_new), 0, frozenset(), max_new, i)
+
+
+def test_scheduler_preempts_the_newest_running_request():
+    blocks = BlockManager(num_blocks=7, block_size=BS, enable_prefix_caching=False)  # 6 usable
+    sched = Scheduler(blocks, max_batch_size=4, max_num_batched_tokens=64)
+    for i in range(3):
+        sched.add(_request(i, 8, 20))  # 2 blocks each: the pool is full after admission
+    plan = sched.schedule()
+    assert [c.request.request_id for c in plan.prefills] == [0, 1, 2]
+    for chunk in plan.prefills:
+        chunk.request.num_computed, chunk.request.prefilled = chunk.end, True
+        chunk.request.output.append(5)
+    plan = sched.schedule()  # each needs a third block for its 9th token: request 2 must go
+    assert [r.request_id for r in plan.preempted] == [2]
+    assert [r.request_id for r in plan.decodes] == [0, 1]
+    assert [r.request_id for r in sched.waiting] == [2]
+    assert sched.num_preemptions == 1
+    assert sched.waiting[0].num_computed == 0 and not sched.waiting[0].prefilled
+    blocks.check()
+
+
+def test_scheduler_respects_token_budget_and_chunks_prefill():
+    blocks = BlockManager(num_blocks=64, block_size=BS)
+    sched = Scheduler(blocks, max_batch_size=4, max_num_batched_tokens=10)
+    sched.add(_request(0, 25, 4))
+    plans = []
+    for _ in range(3):
+        plans.append(sched.schedule())
+        for chunk in plans[-1].prefills:
+            chunk.request.num_computed = chunk.end  # what the engine does after running it
+    chunks = [(c.start, c.end) for p in plans for c in p.prefills]
+    assert chunks == [(0, 10), (10, 20), (20, 25)]
+    assert plans[-1].prefills[0].is_last
+
+
+def test_soak_random_requests_through_a_small_pool():
+    """2,000 random requests through a 40-block pool with random aborts: every request
+    completes with its full output and no block leaks."""
+    rng = random.Random(0)
+    blocks = BlockManager(num_blocks=41, block_size=BS)
+    sched = Scheduler(blocks, max_batch_size=8, max_num_batched_tokens=48)
+    pending = [_request(i, rng.randint(1, 40), rng.randint(1, 30)) for i in range(2000)]
+    for r in pending:
+        r.prompt = [rng.randint(0, 3) for _ in r.prompt]  # shared prefixes happen
+    done, aborted, added, steps = [], [], 0, 0
+    while added < len(pending) or sched.has_unfinished():
+        while added < len(pending) and len(sched.waiting) < 16:
+            sched.add(pending[added])
+            added += 1
+        plan = sched.schedule()
+        steps += 1
+        assert plan.decodes or plan.prefills, "no progress"
+        ended = []
+        for r in plan.decodes:
+            r.num_computed += 1
+            r.output.append(rng.randint(0, 3))
+            blocks.commit(r.request_id, r.tokens)
+            if len(r.output) >= r.max_new:
+                ended.append(r)
+        for chunk in plan.prefills:
+            r = chunk.request
+            r.num_computed = chunk.end
+            blocks.commit(r.request_id, r.tokens[:chunk.end])
+            if chunk.is_last:
+                r.prefilled = True
+                r.output.append(rng.randint(0, 3))
+                if len(r.output) >= r.max_new:
+                    ended.append(r)
+        for r in ended:
+            sched.remove(r)
+            done.append(r)
+        if rng.random() < 0.01 and sched.running:
+            victim = rng.choice(sched.running)
+            sched.remove(victim)
+            aborted.append(victim)
+        if steps % 50 == 0:
+            blocks.check()
+    blocks.check()
+    assert len(done) + len(aborted) == 2000
+    assert all(len(r.output) == r.max_new for r in done)
+    assert blocks.num_used() == 0 and not blocks.tables
+    assert sorted(sched.free_slots) == list(range(8))
+    assert sched.num_preemptions > 0 and blocks.hit_tokens > 0  # both paths were exercised

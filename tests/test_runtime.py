@@ -1,0 +1,142 @@
+"""The serving API on the tiny preset (CPU, eager): continuous batching, prefix caching,
+preemption and aborts never change what a request generates."""
+
+import numpy as np
+import pytest
+import torch
+
+from anygpt_engine import Engine, ModelConfig, SamplingParams
+
+GREEDY = SamplingParams.greedy(12, stop_token_ids=())
+PROMPTS = [[1, 5, 9, 200, 7], [1, 3], [1] + list(range(300, 340)), [1, 77, 78], [1, 9, 9, 9, 9, 9, 9, 9, 9, 10]]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Each prompt generated alone on a roomy engine."""
+    engine = Engine("tiny", device="cpu", max_batch_size=4)
+    return [engine.generate([p], GREEDY)[0] for p in PROMPTS]
+
+
+def _drain(engine, outputs=None):
+    outputs = {} if outputs is None else outputs
+    while engine.has_unfinished():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    return outputs
+
+
+def test_step_api_and_outputs(reference):
+    engine = Engine("tiny", device="cpu")
+    rid = engine.add_request(PROMPTS[0], GREEDY)
+    assert engine.has_unfinished()
+    first = engine.step()
+    assert len(first) == 1 and first[0].request_id == rid and len(first[0].new_token_ids) == 1
+    assert not first[0].finished and first[0].finish_reason is None
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert outs[-1].finished and outs[-1].finish_reason == "length"
+    assert [t for o in first + outs for t in o.new_token_ids] == reference[0]
+    stats = engine.stats()
+    assert stats.used_blocks == 0 and stats.free_blocks + stats.cached_blocks == stats.total_blocks
+
+
+def test_greedy_is_identical_alone_or_in_a_changing_batch(reference):
+    engine = Engine("tiny", device="cpu", max_batch_size=3, max_num_batched_tokens=24)
+    outputs, ids = {}, {}
+    # Requests join at different steps; the batch grows, shrinks and chunked prefills interleave.
+    for i, prompt in enumerate(PROMPTS):
+        ids[engine.add_request(prompt, GREEDY)] = i
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).extend(out.new_token_ids)
+    _drain(engine, outputs)
+    assert [outputs[rid] for rid in sorted(ids, key=ids.get)] == reference
+
+
+def test_preemption_recomputes_without_changing_outputs(reference):
+    # 8 usable blocks of 16 tokens: all five prompts fit (7 blocks), their continuations do not.
+    engine = Engine("tiny", device="cpu", num_blocks=9, max_batch_size=5)
+    ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    outputs = _drain(engine)
+    assert engine.stats().preemptions > 0
+    assert [outputs[rid] for rid in ids] == reference
+    stats = engine.stats()
+    assert stats.used_blocks == 0 and stats.free_blocks + stats.cached_blocks == 8
+
+
+def test_sampled_outputs_survive_preemption():
+    params = [SamplingParams(temperature=1.0, top_k=20, seed=s, max_new_tokens=20, stop_token_ids=())
+              for s in range(5)]
+    roomy = Engine("tiny", device="cpu", max_batch_size=5)
+    expected = roomy.generate(PROMPTS, params)
+    tight = Engine("tiny", device="cpu", num_blocks=10, max_batch_size=5)
+    assert tight.generate(PROMPTS, params) == expected
+    assert tight.stats().preemptions > 0
+
+
+def test_shared_prefix_is_cached_and_reused(reference):
+    engine = Engine("tiny", device="cpu")
+    system = [1] + list(range(1000, 1047))  # 48 tokens: three full blocks
+    a = engine.generate([system + [5, 6]], GREEDY)[0]
+    hits = engine.stats().prefix_cache_hit_rate
+    assert hits == 0
+    b = engine.generate([system + [5, 6]], GREEDY)[0]
+    assert b == a
+    assert engine.stats().prefix_cache_hit_rate == pytest.approx(48 / 100)
+    no_cache = Engine("tiny", device="cpu", enable_prefix_caching=False)
+    assert no_cache.generate([system + [5, 6]], GREEDY)[0] == a
+
+
+def test_abort_frees_everything():
+    engine = Engine("tiny", device="cpu")
+    keep = engine.add_request(PROMPTS[0], GREEDY)
+    drop = engine.add_request(PROMPTS[2], GREEDY)
+    engine.step()
+    engine.abort(drop)
+    outs = engine.step()
+    aborted = [o for o in outs if o.request_id == drop]
+    assert aborted and aborted[0].finished and aborted[0].finish_reason == "abort"
+    _drain(engine)
+    assert engine.stats().used_blocks == 0
+    with pytest.raises(KeyError, match="request_id=1 is not a live request"):
+        engine.abort(drop)
+    assert keep == 0
+
+
+def test_admission_errors():
+    engine = Engine("tiny", device="cpu", num_blocks=4)  # 3 usable blocks = 48 tokens
+    with pytest.raises(ValueError, match="needs 4 KV blocks .* the cache has 3"):
+        engine.add_request([1] * 40, SamplingParams(max_new_tokens=20))
+    rid = engine.add_request([1] * 10, SamplingParams(max_new_tokens=5), request_id="a")
+    with pytest.raises(ValueError, match="request_id='a' is already in use"):
+        engine.add_request([1], request_id="a")
+    with pytest.raises(RuntimeError, match="generate\\(\\) drives the engine"):
+        engine.generate([[1]])
+    engine.abort(rid)
+    _drain(engine)
+
+
+def test_inputs_accept_tensors_and_dlpack(reference):
+    engine = Engine("tiny", device="cpu")
+    for prompt in (torch.tensor(PROMPTS[1]), np.array(PROMPTS[1], dtype=np.int64)):
+        rid = engine.add_request(prompt, GREEDY)
+        assert _drain(engine)[rid] == reference[1]
+    out = engine.generate([PROMPTS[1]], GREEDY, return_tensors=True)[0]
+    assert out.dtype == torch.int64 and out.tolist() == reference[1]
+
+
+def test_two_engines_with_different_models_coexist():
+    small = Engine(ModelConfig.preset("tiny").replace(num_layers=1, name="one-layer"), device="cpu", seed=1)
+    tiny = Engine("tiny", device="cpu")
+    a = small.add_request(PROMPTS[0], GREEDY)
+    b = tiny.add_request(PROMPTS[0], GREEDY)
+    outs_small, outs_tiny = {}, {}
+    while small.has_unfinished() or tiny.has_unfinished():
+        for out in small.step():
+            outs_small.setdefault(out.request_id, []).extend(out.new_token_ids)
+        for out in tiny.step():
+            outs_tiny.setdefault(out.request_id, []).extend(out.new_token_ids)
+    assert outs_tiny[b] == Engine("tiny", device="cpu").generate([PROMPTS[0]], GREEDY)[0]
+    assert outs_small[a] == Engine(small.config, device="cpu", seed=1).generate([PROMPTS[0]], GREEDY)[0]
+    assert outs_small[a] != outs_tiny[b]

@@ -176,7 +176,8 @@ def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_toke
         raise ValueError(f"batch_size={batch_size}, prompt_len={prompt_len}, new_tokens={new_tokens}: expected "
                          "batch_size >= 1, prompt_len >= 1, new_tokens >= 2")
     load_start = time.perf_counter()
-    engine = Engine(model, weights=weights, device=device, dtype=resolve_dtype(dtype) if dtype else None, seed=seed)
+    engine = Engine(model, weights=weights, device=device, dtype=resolve_dtype(dtype) if dtype else None, seed=seed,
+                    max_batch_size=batch_size)
     _sync(device)
     load_s = time.perf_counter() - load_start
     prompts = _prompts(engine, batch_size, prompt_len, seed)

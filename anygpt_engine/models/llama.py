@@ -82,9 +82,9 @@ class Llama(nn.Module):
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
 
-    def attention(self, block: Block, h: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
-                  slot_mapping: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """h [B, S, H] at `positions` [B, S]. Writes this layer's k/v of each token to its cache
+    def attention(self, block: Block, h: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                  kv: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """h [B, S, H] at `positions` [B, S] (`rope` = self.rotary(positions)). Writes this layer's k/v of each token to its cache
         slot (`slot_mapping` [B, S]) in `kv` [2, blocks, block_size, Hkv, D], then attends
         causally over each row's blocks (`block_tables` [B, nb]; entries past a row's length may
         name any block: the position mask hides them)."""
@@ -95,7 +95,7 @@ class Llama(nn.Module):
         q = q.view(b, s, c.num_heads, c.head_dim).transpose(1, 2)
         k = k.view(b, s, c.num_kv_heads, c.head_dim)
         v = v.view(b, s, c.num_kv_heads, c.head_dim)
-        cos, sin = self.rotary(positions)
+        cos, sin = rope
         q = self.apply_rotary(q, cos.unsqueeze(1), sin.unsqueeze(1))
         k = self.apply_rotary(k, cos.unsqueeze(2), sin.unsqueeze(2))
         slots = slot_mapping.reshape(-1)
@@ -120,13 +120,14 @@ class Llama(nn.Module):
         """Final-normed hidden states [B, S, H] of `tokens` [B, S] at `positions` [B, S], with
         the paged cache `kv_layers` (one tensor per layer) read and written in place."""
         c = self.config
+        rope = self.rotary(positions)  # shared by every layer
         with nvtx_range("anygpt/op/embedding"):
             residual = F.embedding(tokens, self.tok_embeddings)
         with nvtx_range("anygpt/op/rms_norm"):
             h = ops.rms_norm(residual, self.layers[0].attention_norm, c.rms_norm_eps)
         for i, block in enumerate(self.layers):
             with nvtx_range("anygpt/op/attention"):
-                attn = self.attention(block, h, positions, kv_layers[i], slot_mapping, block_tables)
+                attn = self.attention(block, h, positions, rope, kv_layers[i], slot_mapping, block_tables)
             with nvtx_range("anygpt/op/rms_norm"):
                 h = ops.rms_norm(attn, block.ffn_norm, c.rms_norm_eps, residual=residual)
             with nvtx_range("anygpt/op/mlp"):

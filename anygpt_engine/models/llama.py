@@ -11,7 +11,8 @@ The engine's own weight layout (what checkpoints are loaded into):
   norm                      [H]
   output                    [V, H]                  (the embedding itself when tied)
 
-Rotary embedding is HF's rotate-half form, so HF checkpoints load without permuting q/k.
+Rotary embedding is HF's rotate-half form (computed in float32, rounded once), so HF
+checkpoints load without permuting q/k.
 Norms run through ops.rms_norm with the residual add fused in; accumulation is float32.
 Attention reads and writes the paged KV cache (layout in runtime/kv_cache.py); prefill chunks
 and decode steps are the same code with different shapes.
@@ -25,6 +26,7 @@ from torch import nn
 
 from anygpt_engine import ops
 from anygpt_engine.config import ModelConfig
+from anygpt_engine.ops import attention
 from anygpt_engine.profiling import nvtx_range
 
 
@@ -70,44 +72,28 @@ class Llama(nn.Module):
         return self.tok_embeddings if self.output is None else self.output
 
     # -- pieces --------------------------------------------------------------------------------
-    def rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [..., head_dim] for integer positions, computed in float32 like HF."""
-        freqs = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
-
-    @staticmethod
-    def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype))
-
-    def attention(self, block: Block, h: torch.Tensor, positions: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                  kv: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """h [B, S, H] at `positions` [B, S] (`rope` = self.rotary(positions)). Writes this layer's k/v of each token to its cache
-        slot (`slot_mapping` [B, S]) in `kv` [2, blocks, block_size, Hkv, D], then attends
-        causally over each row's blocks (`block_tables` [B, nb]; entries past a row's length may
-        name any block: the position mask hides them)."""
+    def attention(self, block: Block, h: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
+                  slot_mapping: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+        """h [B, S, H] at `positions` [B, S]. Rotates q and k, writes each token's k/v to its
+        cache slot (`slot_mapping` [B, S]) in `kv` [2, blocks, block_size, Hkv, D], then attends
+        causally over each row's blocks (`block_tables` [B, nb]). S == 1 is a decode step (one
+        token per row); S > 1 is a prefill chunk of one sequence (B == 1)."""
         c = self.config
         b, s, _ = h.shape
-        qkv = F.linear(h, block.wqkv)
-        q, k, v = qkv.split([c.q_size, c.kv_size, c.kv_size], dim=-1)
-        q = q.view(b, s, c.num_heads, c.head_dim).transpose(1, 2)
-        k = k.view(b, s, c.num_kv_heads, c.head_dim)
-        v = v.view(b, s, c.num_kv_heads, c.head_dim)
-        cos, sin = rope
-        q = self.apply_rotary(q, cos.unsqueeze(1), sin.unsqueeze(1))
-        k = self.apply_rotary(k, cos.unsqueeze(2), sin.unsqueeze(2))
-        slots = slot_mapping.reshape(-1)
-        kv[0].view(-1, c.num_kv_heads, c.head_dim).index_copy_(0, slots, k.reshape(-1, c.num_kv_heads, c.head_dim))
-        kv[1].view(-1, c.num_kv_heads, c.head_dim).index_copy_(0, slots, v.reshape(-1, c.num_kv_heads, c.head_dim))
-        context = block_tables.shape[1] * kv.shape[2]
-        keys = kv[0][block_tables].view(b, context, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        values = kv[1][block_tables].view(b, context, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        mask = torch.arange(context, device=h.device).view(1, 1, 1, context) <= positions.view(b, 1, s, 1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                             enable_gqa=c.num_heads != c.num_kv_heads)
-        return F.linear(out.transpose(1, 2).reshape(b, s, c.q_size), block.wo)
+        qkv = F.linear(h, block.wqkv).view(b * s, -1)
+        q = qkv[:, :c.q_size].view(b * s, c.num_heads, c.head_dim)
+        k = qkv[:, c.q_size:c.q_size + c.kv_size].view(b * s, c.num_kv_heads, c.head_dim)
+        v = qkv[:, c.q_size + c.kv_size:].view(b * s, c.num_kv_heads, c.head_dim)
+        attention.rope_kv_append(q, k, v, positions.reshape(-1), slot_mapping.reshape(-1), kv[0], kv[1],
+                                 self.inv_freq)
+        if s == 1:
+            out = attention.paged_decode_attention(q, kv[0], kv[1], block_tables, positions.view(b) + 1)
+        else:
+            if b != 1:
+                raise ValueError(f"a prefill chunk is one sequence, got a batch of {b}")
+            out = attention.varlen_attention(q, kv[0], kv[1], torch.tensor([0, s], device=h.device), s, causal=True,
+                                             kv_lens=positions[:, -1] + 1, block_tables=block_tables)
+        return F.linear(out.view(b, s, c.q_size), block.wo)
 
     @staticmethod
     def feed_forward(block: Block, h: torch.Tensor) -> torch.Tensor:
@@ -120,14 +106,13 @@ class Llama(nn.Module):
         """Final-normed hidden states [B, S, H] of `tokens` [B, S] at `positions` [B, S], with
         the paged cache `kv_layers` (one tensor per layer) read and written in place."""
         c = self.config
-        rope = self.rotary(positions)  # shared by every layer
         with nvtx_range("anygpt/op/embedding"):
             residual = F.embedding(tokens, self.tok_embeddings)
         with nvtx_range("anygpt/op/rms_norm"):
             h = ops.rms_norm(residual, self.layers[0].attention_norm, c.rms_norm_eps)
         for i, block in enumerate(self.layers):
             with nvtx_range("anygpt/op/attention"):
-                attn = self.attention(block, h, positions, rope, kv_layers[i], slot_mapping, block_tables)
+                attn = self.attention(block, h, positions, kv_layers[i], slot_mapping, block_tables)
             with nvtx_range("anygpt/op/rms_norm"):
                 h = ops.rms_norm(attn, block.ffn_norm, c.rms_norm_eps, residual=residual)
             with nvtx_range("anygpt/op/mlp"):

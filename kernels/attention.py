@@ -1,0 +1,256 @@
+"""Attention kernels over the paged KV cache (layout in anygpt_engine/runtime/kv_cache.py):
+
+  rope_kv_append   RoPE on q (in place) and k, then k and v written to their cache slots
+  varlen_attention flash attention for a packed batch of variable-length query runs (prefill,
+                   prompts extending cached prefixes, SoundStorm's bidirectional blocks);
+                   K/V either paged (block tables) or packed contiguous (cu_seqlens_k)
+  paged_decode     one query per sequence, split along the context (flash-decoding), GQA-aware:
+                   a program serves every q head of one kv head, so each K/V page is read once
+                   per group; a second kernel merges the splits
+
+Softmax and accumulation are float32; outputs are rounded once (kernels.common.round_to).
+Causal masking is bottom-right aligned: query i of a run of q_len queries over kv_len keys sits
+at position kv_len - q_len + i and sees keys 0..that position.
+"""
+
+import triton
+import triton.language as tl
+
+from anygpt_engine.kernels.common import round_to
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _cos_sin(angle):
+    """cos and sin of float32 angles of any size (positions x inv_freq reach thousands of
+    radians), accurate to ~1e-6: Cody-Waite reduction to [-pi, pi] with 2*pi split into three
+    parts, the first two with at most 11 significant bits so k * part is exact in float32 for
+    |k| < 2^13 (angles below ~51,000), then the short-range functions (on a GPU these may be
+    approximations that are only accurate near zero)."""
+    k = tl.floor(angle * 0.15915494309189535 + 0.5)
+    r = angle - k * 6.28125
+    r = r - k * 0.0019350051879882812
+    r = r - k * 3.019916050561733e-07
+    return tl.cos(r), tl.sin(r)
+
+
+@triton.jit
+def _rope_kv_append_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, inv_freq_ptr,
+                           q_stride, k_stride, v_stride, num_q_heads, num_kv_heads,
+                           HEAD_DIM: tl.constexpr, HALF: tl.constexpr, Q_HEADS: tl.constexpr,
+                           KV_HEADS: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, HALF)
+    angle = tl.load(positions_ptr + token).to(tl.float32) * tl.load(inv_freq_ptr + j)
+    cos, sin = _cos_sin(angle)
+    cos, sin = cos[None, :], sin[None, :]
+
+    qh = tl.arange(0, Q_HEADS)[:, None]
+    q_mask = (qh < num_q_heads) & (j[None, :] < HALF)  # explicit 2-D mask
+    q_row = q_ptr + token * q_stride + qh * HEAD_DIM + j[None, :]
+    q1 = tl.load(q_row, mask=q_mask).to(tl.float32)
+    q2 = tl.load(q_row + HALF, mask=q_mask).to(tl.float32)
+    dtype = q_ptr.dtype.element_ty
+    tl.store(q_row, round_to(q1 * cos - q2 * sin, dtype), mask=q_mask)
+    tl.store(q_row + HALF, round_to(q2 * cos + q1 * sin, dtype), mask=q_mask)
+
+    slot = tl.load(slot_ptr + token)
+    kh = tl.arange(0, KV_HEADS)[:, None]
+    # slot < 0: a padding token, nothing stored.
+    kv_mask = (kh < num_kv_heads) & (j[None, :] < HALF) & ((kh * 0 + slot) >= 0)
+    k_row = k_ptr + token * k_stride + kh * HEAD_DIM + j[None, :]
+    k1 = tl.load(k_row, mask=kv_mask).to(tl.float32)
+    k2 = tl.load(k_row + HALF, mask=kv_mask).to(tl.float32)
+    cache_row = slot * num_kv_heads * HEAD_DIM + kh * HEAD_DIM + j[None, :]
+    tl.store(k_cache_ptr + cache_row, round_to(k1 * cos - k2 * sin, dtype), mask=kv_mask)
+    tl.store(k_cache_ptr + cache_row + HALF, round_to(k2 * cos + k1 * sin, dtype), mask=kv_mask)
+    v_row = v_ptr + token * v_stride + kh * HEAD_DIM + j[None, :]
+    tl.store(v_cache_ptr + cache_row, tl.load(v_row, mask=kv_mask), mask=kv_mask)
+    tl.store(v_cache_ptr + cache_row + HALF, tl.load(v_row + HALF, mask=kv_mask), mask=kv_mask)
+
+
+def rope_kv_append(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq, num_warps=4):
+    """q [T, Hq, D] (rotated in place), k, v [T, Hkv, D]: token-strided, head-contiguous views."""
+    tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    if tokens == 0:
+        return
+    _rope_kv_append_kernel[(tokens,)](
+        q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq, q.stride(0), k.stride(0), v.stride(0),
+        num_q_heads, num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2,
+        Q_HEADS=triton.next_power_of_2(num_q_heads), KV_HEADS=triton.next_power_of_2(num_kv_heads),
+        num_warps=num_warps)
+
+
+@triton.jit
+def _key_offsets(keys, seq, kv_head, k_start, block_tables_ptr, bt_stride, num_kv_heads, kv_token_stride,
+                 HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    """Element offset of key/value row `keys` (positions in the sequence) for one kv head."""
+    if PAGED:
+        block = tl.load(block_tables_ptr + seq * bt_stride + keys // PAGE, mask=keys >= 0, other=0)
+        row = block * PAGE + keys % PAGE
+        return row * (num_kv_heads * HEAD_DIM) + kv_head * HEAD_DIM
+    return (k_start + keys) * kv_token_stride + kv_head * HEAD_DIM
+
+
+@triton.jit
+def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr, cu_k_ptr, block_tables_ptr,
+                             q_stride, out_stride, kv_token_stride, bt_stride, num_q_heads, num_kv_heads, scale,
+                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
+    tile = tl.program_id(0)
+    seq = tl.program_id(1).to(tl.int64)
+    head = tl.program_id(2)
+    kv_head = head // (num_q_heads // num_kv_heads)
+    q_start = tl.load(cu_q_ptr + seq).to(tl.int64)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    if tile * BLOCK_M >= q_len:
+        return
+    if PAGED:
+        kv_len = tl.load(kv_len_ptr + seq)
+        k_start = 0
+    else:
+        k_start = tl.load(cu_k_ptr + seq).to(tl.int64)
+        kv_len = tl.load(cu_k_ptr + seq + 1) - k_start
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < q_len
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (q_start + rows)[:, None] * q_stride + head * HEAD_DIM + d[None, :], mask=row_mask[:, None],
+                other=0.0)
+    q_pos = kv_len - q_len + rows  # bottom-right aligned
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    qk_scale = scale * 1.4426950408889634  # exp2 domain
+    end = kv_len
+    if CAUSAL:
+        end = tl.minimum(kv_len, kv_len - q_len + (tile + 1) * BLOCK_M)
+    for start in range(0, end, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_mask = keys < kv_len
+        offs = _key_offsets(keys, seq, kv_head, k_start, block_tables_ptr, bt_stride, num_kv_heads, kv_token_stride,
+                            HEAD_DIM, PAGED, PAGE)
+        k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=key_mask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = key_mask[None, :] & row_mask[:, None]
+        if CAUSAL:
+            visible &= keys[None, :] <= q_pos[:, None]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        # Rows that have seen no key yet keep m = -inf; shift by 0 there to avoid inf - inf.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2(m - shift)
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=key_mask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # rows without keys: zeros
+    tl.store(out_ptr + (q_start + rows)[:, None] * out_stride + head * HEAD_DIM + d[None, :],
+             round_to(out, out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, *, kv_lens=None, block_tables=None,
+                     cu_seqlens_k=None, block_m=64, block_n=64, num_warps=4, num_stages=2):
+    """q, out [Tq, Hq, D]. Paged: k, v are caches [blocks, page, Hkv, D] with kv_lens [B] and
+    block_tables [B, nb]. Contiguous: k, v [Tk, Hkv, D] packed by cu_seqlens_k [B + 1]."""
+    batch = cu_seqlens_q.shape[0] - 1
+    _, num_q_heads, head_dim = q.shape
+    paged = block_tables is not None
+    num_kv_heads = k.shape[-2]
+    if batch == 0 or max_q_len == 0:
+        return
+    grid = (triton.cdiv(max_q_len, block_m), batch, num_q_heads)
+    _varlen_attention_kernel[grid](
+        out, q, k, v, cu_seqlens_q, kv_lens if paged else cu_seqlens_q,
+        cu_seqlens_k if not paged else cu_seqlens_q, block_tables if paged else cu_seqlens_q,
+        q.stride(0), out.stride(0), 0 if paged else k.stride(0), block_tables.stride(0) if paged else 0,
+        num_q_heads, num_kv_heads, scale,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, PAGED=paged,
+        PAGE=k.shape[1] if paged else 1, num_warps=num_warps, num_stages=num_stages)
+
+
+@triton.jit
+def _paged_decode_kernel(part_out_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+                         q_stride, bt_stride, num_kv_heads, num_splits, scale,
+                         HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr):
+    seq = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + seq)
+    pages = tl.cdiv(seq_len, PAGE)
+    per_split = tl.cdiv(pages, num_splits)
+    first, last = split * per_split, tl.minimum((split + 1) * per_split, pages)
+
+    g = tl.arange(0, GROUP_PAD)
+    g_mask = g < GROUP
+    d = tl.arange(0, HEAD_DIM)
+    heads = kv_head * GROUP + g
+    q = tl.load(q_ptr + seq * q_stride + heads[:, None] * HEAD_DIM + d[None, :], mask=g_mask[:, None],
+                other=0.0).to(tl.float32)
+    qk_scale = scale * 1.4426950408889634
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    t = tl.arange(0, PAGE)
+    for page in range(first, last):
+        block = tl.load(block_tables_ptr + seq * bt_stride + page)
+        keys = page * PAGE + t
+        key_mask = keys < seq_len
+        offs = (block * PAGE + t)[:, None] * (num_kv_heads * HEAD_DIM) + kv_head * HEAD_DIM + d[None, :]
+        k = tl.load(k_cache_ptr + offs, mask=key_mask[:, None], other=0.0).to(tl.float32)
+        # [GROUP, PAGE] scores without tl.dot: the group is small and decode is bandwidth-bound.
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * qk_scale
+        s = tl.where(key_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_cache_ptr + offs, mask=key_mask[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        m = m_new
+    part = (seq * num_kv_heads * GROUP + heads) * num_splits + split
+    tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], acc / tl.where(l == 0.0, 1.0, l)[:, None],
+             mask=g_mask[:, None])
+    # log-sum-exp in the exp2 domain; -inf for a split without keys.
+    tl.store(part_lse_ptr + part, tl.where(l == 0.0, float("-inf"), m + tl.log2(tl.where(l == 0.0, 1.0, l))),
+             mask=g_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, num_splits,
+                         HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # (sequence, q head)
+    s = tl.arange(0, SPLITS)
+    s_mask = s < num_splits
+    lse = tl.load(part_lse_ptr + row * num_splits + s, mask=s_mask, other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    weight = tl.exp2(lse - top)
+    d = tl.arange(0, HEAD_DIM)
+    parts = tl.load(part_out_ptr + (row * num_splits + s)[:, None] * HEAD_DIM + d[None, :], mask=s_mask[:, None],
+                    other=0.0)
+    total = tl.sum(weight, axis=0)
+    out = tl.sum(weight[:, None] * parts, axis=0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + row * HEAD_DIM + d, round_to(out, out_ptr.dtype.element_ty))
+
+
+def paged_decode(out, q, k_cache, v_cache, block_tables, seq_lens, scale, part_out, part_lse, num_splits,
+                 num_warps=4):
+    """q [B, Hq, D] (token-strided), out [B, Hq, D] contiguous; caches [blocks, page, Hkv, D]; part_out [B, Hq, splits, D] and
+    part_lse [B, Hq, splits] float32 workspaces."""
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if batch == 0:
+        return
+    group = num_q_heads // num_kv_heads
+    _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
+        part_out, part_lse, q, k_cache, v_cache, block_tables, seq_lens, q.stride(0), block_tables.stride(0),
+        num_kv_heads,
+        num_splits, scale, HEAD_DIM=head_dim, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1),
+        PAGE=k_cache.shape[1], num_warps=num_warps)
+    _merge_splits_kernel[(batch * num_q_heads,)](
+        out, part_out, part_lse, num_splits, HEAD_DIM=head_dim, SPLITS=triton.next_power_of_2(num_splits),
+        num_warps=num_warps)

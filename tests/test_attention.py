@@ -1,0 +1,301 @@
+"""Attention kernels (Triton under the interpreter on CPU; Triton and CUDA on a GPU) against
+float64 references, with FlashAttention's rule: the kernel's max error is at most twice that
+of a same-precision torch computation, plus a small atol."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from anygpt_engine.ops import attention as A
+from conftest import HAS_GPU, poison
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+DEV = "cuda" if HAS_GPU else "cpu"
+
+
+def _paged(seqs_k, seqs_v, block_size, num_blocks=None, seed=0):
+    """Scatters per-sequence K/V [len, Hkv, D] into shuffled blocks; returns caches, block tables
+    (unused entries point at random blocks: they must be masked) and lengths."""
+    g = torch.Generator().manual_seed(seed)
+    need = [max(1, -(-k.shape[0] // block_size)) for k in seqs_k]
+    total = num_blocks or sum(need) + 3
+    order = torch.randperm(total, generator=g).tolist()
+    heads, dim = seqs_k[0].shape[1:]
+    dtype, device = seqs_k[0].dtype, seqs_k[0].device
+    k_cache = torch.randn(total, block_size, heads, dim, generator=g).to(dtype).to(device)  # garbage elsewhere
+    v_cache = torch.randn(total, block_size, heads, dim, generator=g).to(dtype).to(device)
+    width = max(need) + 1
+    tables = torch.tensor([[order[(i * 7 + j) % total] for j in range(width)] for i in range(len(seqs_k))])
+    cursor = 0
+    for i, (k, v) in enumerate(zip(seqs_k, seqs_v)):
+        blocks = order[cursor:cursor + need[i]]
+        cursor += need[i]
+        tables[i, :need[i]] = torch.tensor(blocks)
+        for t in range(k.shape[0]):
+            k_cache[blocks[t // block_size], t % block_size] = k[t]
+            v_cache[blocks[t // block_size], t % block_size] = v[t]
+    lens = torch.tensor([k.shape[0] for k in seqs_k])
+    return k_cache, v_cache, tables.to(device), lens.to(device)
+
+
+def _attend64(q, k, v, causal):
+    """float64 oracle for one sequence: q [Lq, Hq, D], k/v [Lk, Hkv, D]."""
+    group = q.shape[1] // k.shape[1]
+    qd, kd, vd = (t.double().transpose(0, 1) for t in (q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)))
+    scores = qd @ kd.transpose(1, 2) / math.sqrt(q.shape[-1])
+    if causal:
+        lq, lk = q.shape[0], k.shape[0]
+        pos = torch.arange(lk - lq, lk, device=q.device)[:, None]
+        scores = scores.masked_fill(torch.arange(lk, device=q.device)[None, :] > pos, float("-inf"))
+    return (scores.softmax(-1) @ vd).transpose(0, 1)
+
+
+def _same_precision(q, k, v, causal):
+    """What a plain torch implementation in the input dtype gets (the FlashAttention rule's peer)."""
+    group = q.shape[1] // k.shape[1]
+    qt, kt, vt = (t.transpose(0, 1) for t in (q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)))
+    scores = (qt @ kt.transpose(1, 2)) * (1 / math.sqrt(q.shape[-1]))
+    if causal:
+        lq, lk = q.shape[0], k.shape[0]
+        pos = torch.arange(lk - lq, lk, device=q.device)[:, None]
+        scores = scores.masked_fill(torch.arange(lk, device=q.device)[None, :] > pos, float("-inf"))
+    return (scores.float().softmax(-1).to(q.dtype) @ vt).transpose(0, 1)
+
+
+def _check_rule(got, expected64, peer, dtype):
+    err = (got.double() - expected64).abs().max().item()
+    peer_err = (peer.double() - expected64).abs().max().item()
+    assert err <= 2 * peer_err + ATOL[dtype], (err, peer_err)
+
+
+def _rand(shape, dtype, g, scale=1.0):
+    return (torch.randn(shape, generator=g) * scale).to(dtype).to(DEV)
+
+
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("lens", [[(7, 7)], [(1, 1), (129, 129)], [(5, 40), (1, 17), (60, 60)], [(1000, 1000)]])
+def test_varlen_paged_prefill(dtype, heads, block_size, lens):
+    """Runs of q_len queries over kv_len keys (q_len < kv_len: a prompt extending a cached prefix)."""
+    if lens == [(1000, 1000)] and (heads != (8, 2) or block_size != 16):
+        pytest.skip("one long case is enough under the interpreter")
+    g = torch.Generator().manual_seed(len(lens) + heads[0] + block_size)
+    hq, hkv = heads
+    d = 64
+    ks = [_rand((kv, hkv, d), dtype, g) for _, kv in lens]
+    vs = [_rand((kv, hkv, d), dtype, g) for _, kv in lens]
+    qs = [_rand((q, hq, d), dtype, g) for q, _ in lens]
+    k_cache, v_cache, tables, kv_lens = _paged(ks, vs, block_size)
+    q = torch.cat(qs)
+    cu = torch.tensor([0] + list(torch.tensor([x for x, _ in lens]).cumsum(0)), device=DEV)
+    out = poison(torch.empty_like(q))
+    A.varlen_attention(q, k_cache, v_cache, cu, max(x for x, _ in lens), causal=True, kv_lens=kv_lens,
+                       block_tables=tables, out=out, backend="triton")
+    for i, (qi, ki, vi) in enumerate(zip(qs, ks, vs)):
+        rows = slice(int(cu[i]), int(cu[i + 1]))
+        _check_rule(out[rows], _attend64(qi, ki, vi, True), _same_precision(qi, ki, vi, True), dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_varlen_bidirectional_with_key_padding(dtype, head_dim):
+    """SoundStorm's case: packed contiguous K/V, no causal mask, each run sees only its own keys."""
+    g = torch.Generator().manual_seed(head_dim)
+    lens = [1, 7, 129, 30]
+    q = _rand((sum(lens), 4, head_dim), dtype, g)
+    k = _rand((sum(lens), 4, head_dim), dtype, g)
+    v = _rand((sum(lens), 4, head_dim), dtype, g)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEV)
+    out = poison(torch.empty_like(q))
+    A.varlen_attention(q, k, v, cu, max(lens), causal=False, cu_seqlens_k=cu, out=out, backend="triton")
+    for i in range(len(lens)):
+        rows = slice(int(cu[i]), int(cu[i + 1]))
+        _check_rule(out[rows], _attend64(q[rows], k[rows], v[rows], False),
+                    _same_precision(q[rows], k[rows], v[rows], False), dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_varlen_reference_matches_oracle(dtype):
+    g = torch.Generator().manual_seed(3)
+    ks, vs = [_rand((33, 2, 64), dtype, g)], [_rand((33, 2, 64), dtype, g)]
+    q = _rand((9, 4, 64), dtype, g)
+    k_cache, v_cache, tables, kv_lens = _paged(ks, vs, 16)
+    got = A.varlen_attention(q, k_cache, v_cache, torch.tensor([0, 9], device=DEV), 9, kv_lens=kv_lens,
+                             block_tables=tables, backend="torch")
+    _check_rule(got, _attend64(q, ks[0], vs[0], True), _same_precision(q, ks[0], vs[0], True), dtype)
+
+
+DECODE_LENS = [[1], [7, 129, 1], [1000, 16, 33, 0]]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("lens", DECODE_LENS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_paged_decode(backend, dtype, heads, block_size, lens, num_splits):
+    if backend == "torch" and num_splits > 1:
+        pytest.skip("the reference does not split")
+    g = torch.Generator().manual_seed(sum(lens) + heads[1] + block_size)
+    hq, hkv = heads
+    d = 128 if hq == 4 else 64
+    ks = [_rand((n, hkv, d), dtype, g) for n in lens]
+    vs = [_rand((n, hkv, d), dtype, g) for n in lens]
+    k_cache, v_cache, tables, seq_lens = _paged(ks, vs, block_size)
+    q = _rand((len(lens), hq, d), dtype, g)
+    out = poison(torch.empty_like(q))
+    A.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, out=out, num_splits=num_splits, backend=backend)
+    for i, n in enumerate(lens):
+        if n == 0:
+            assert torch.equal(out[i], torch.zeros_like(out[i])), "an empty sequence attends to nothing"
+            continue
+        qi = q[i:i + 1]
+        _check_rule(out[i:i + 1], _attend64(qi, ks[i], vs[i], False), _same_precision(qi, ks[i], vs[i], False), dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("heads,head_dim", [((4, 4), 64), ((8, 2), 128), ((8, 1), 64)])
+@pytest.mark.parametrize("tokens", [1, 7, 129])
+def test_rope_kv_append(backend, dtype, heads, head_dim, tokens):
+    g = torch.Generator().manual_seed(tokens + head_dim)
+    hq, hkv = heads
+    qkv = _rand((tokens, (hq + 2 * hkv) * head_dim), dtype, g)  # fused projection: strided views
+    q = qkv[:, :hq * head_dim].view(tokens, hq, head_dim)
+    k = qkv[:, hq * head_dim:(hq + hkv) * head_dim].view(tokens, hkv, head_dim)
+    v = qkv[:, (hq + hkv) * head_dim:].view(tokens, hkv, head_dim)
+    positions = torch.randint(0, 4096, (tokens,), generator=g).to(DEV)
+    num_blocks, block_size = 40, 16
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:tokens].to(DEV)
+    inv_freq = (1.0 / 10000 ** (torch.arange(0, head_dim // 2, dtype=torch.float32) / (head_dim // 2))).to(DEV)
+    k_cache = poison(torch.empty(num_blocks, block_size, hkv, head_dim, dtype=dtype, device=DEV))
+    v_cache = poison(torch.empty_like(k_cache))
+    q_in, k_in, v_in = q.clone(), k.clone(), v.clone()
+    A.rope_kv_append(q, k, v, positions, slots, k_cache, v_cache, inv_freq, backend=backend)
+
+    # The contract: the angle is a float32 product; cos/sin of it are then computed accurately.
+    angle = (positions.float()[:, None] * inv_freq[None, :]).double()
+    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+
+    def rotate64(x):
+        h = head_dim // 2
+        x1, x2 = x[..., :h].double(), x[..., h:].double()
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), -1)
+
+    # One rounding of a float32 result: about one ulp of the dtype, plus ~1e-6 absolute from
+    # float32 cos/sin of large angles.
+    tol = dict(rtol=torch.finfo(dtype).eps, atol=4e-6 if dtype == torch.float32 else torch.finfo(dtype).eps)
+    torch.testing.assert_close(q.double(), rotate64(q_in), **tol)
+    flat_k, flat_v = k_cache.view(-1, hkv, head_dim), v_cache.view(-1, hkv, head_dim)
+    torch.testing.assert_close(flat_k[slots].double(), rotate64(k_in), **tol)
+    assert torch.equal(flat_v[slots], v_in)
+    assert torch.equal(k, k_in) and torch.equal(v, v_in), "k and v inputs must stay untouched"
+    untouched = torch.ones(flat_k.shape[0], dtype=torch.bool, device=DEV)
+    untouched[slots] = False
+    assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all(), "wrote outside its slots"
+
+
+def test_rope_faces_agree_and_skip_negative_slots():
+    g = torch.Generator().manual_seed(0)
+    q = _rand((5, 4, 64), torch.float32, g)
+    k, v = _rand((5, 2, 64), torch.float32, g), _rand((5, 2, 64), torch.float32, g)
+    positions = torch.tensor([0, 1, 2, 700, 3], device=DEV)
+    slots = torch.tensor([3, -1, 17, 0, -1], device=DEV)
+    inv_freq = (1.0 / 10000 ** (torch.arange(32, dtype=torch.float32) / 32)).to(DEV)
+    results = []
+    for backend in ("torch", "triton"):
+        kc = poison(torch.empty(2, 16, 2, 64, device=DEV))
+        vc = poison(torch.empty_like(kc))
+        qq = q.clone()
+        A.rope_kv_append(qq, k, v, positions, slots, kc, vc, inv_freq, backend=backend)
+        results.append((qq, kc, vc))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for (_, kc, vc) in results:
+        assert kc.view(-1, 2, 64).isnan().all(-1).all(-1).sum() == 32 - 3  # only slots 0, 3, 17 written
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_attention_argument_errors():
+    q = torch.randn(3, 4, 64)
+    kc = torch.randn(4, 16, 2, 64)
+    tables = torch.zeros(3, 2, dtype=torch.int64)
+    lens = torch.tensor([1, 2, 3])
+    with pytest.raises(TypeError, match="seq_lens.dtype=torch.int32"):
+        A.paged_decode_attention(q, kc, kc, tables, lens.int())
+    with pytest.raises(ValueError, match="not a multiple of the 3 kv heads"):
+        A.paged_decode_attention(q, torch.randn(4, 16, 3, 64), torch.randn(4, 16, 3, 64), tables, lens)
+    with pytest.raises(TypeError, match="k_cache.dtype=torch.float16"):
+        A.paged_decode_attention(q, kc.half(), kc.half(), tables, lens)
+    with pytest.raises(ValueError, match="k_cache must be contiguous"):
+        A.paged_decode_attention(q, kc.transpose(0, 1), kc.transpose(0, 1), tables, lens)
+    with pytest.raises(ValueError, match=r"block_tables.shape=\(2, 2\)"):
+        A.paged_decode_attention(q, kc, kc, tables[:2], lens)
+    with pytest.raises(ValueError, match="num_splits=0"):
+        A.paged_decode_attention(q, kc, kc, tables, lens, num_splits=0, backend="triton")
+    with pytest.raises(ValueError, match="either block_tables with kv_lens"):
+        A.varlen_attention(q, kc, kc, torch.tensor([0, 3]), 3)
+    with pytest.raises(ValueError, match="head_dim=63"):
+        A.rope_kv_append(torch.randn(2, 2, 63), torch.randn(2, 2, 63), torch.randn(2, 2, 63), torch.zeros(2).long(),
+                         torch.zeros(2).long(), torch.randn(2, 16, 2, 63), torch.randn(2, 16, 2, 63), torch.ones(31))
+    with pytest.raises(ValueError, match="positions.shape=\\(3,\\), expected \\(2,\\)"):
+        A.rope_kv_append(torch.randn(2, 2, 64), torch.randn(2, 2, 64), torch.randn(2, 2, 64), torch.zeros(3).long(),
+                         torch.zeros(2).long(), torch.randn(2, 16, 2, 64), torch.randn(2, 16, 2, 64), torch.ones(32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(32, 32), (32, 8), (32, 4)])
+@pytest.mark.parametrize("lens", [[1, 7, 129, 1000, 4097], [16384] * 2, [513] * 64])
+def test_decode_faces_agree_on_gpu(dtype, heads, lens):
+    g = torch.Generator().manual_seed(len(lens))
+    hq, hkv = heads
+    ks = [_rand((n, hkv, 128), dtype, g) for n in lens]
+    vs = [_rand((n, hkv, 128), dtype, g) for n in lens]
+    k_cache, v_cache, tables, seq_lens = _paged(ks, vs, 16)
+    q = _rand((len(lens), hq, 128), dtype, g)
+    outs = {b: A.paged_decode_attention(q, k_cache, v_cache, tables, seq_lens, backend=b) for b in ("cuda", "triton")}
+    for i, n in enumerate(lens[:8]):
+        expected = _attend64(q[i:i + 1], ks[i], vs[i], False)
+        peer = _same_precision(q[i:i + 1], ks[i], vs[i], False)
+        for out in outs.values():
+            _check_rule(out[i:i + 1], expected, peer, dtype)
+    torch.testing.assert_close(outs["cuda"], outs["triton"], rtol=2e-2, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_prefill_and_rope_on_gpu(dtype, head_dim):
+    g = torch.Generator().manual_seed(head_dim)
+    lens = [(1, 1), (7, 300), (1000, 1000), (129, 2000)]
+    ks = [_rand((kv, 8, head_dim), dtype, g) for _, kv in lens]
+    vs = [_rand((kv, 8, head_dim), dtype, g) for _, kv in lens]
+    qs = [_rand((q, 32, head_dim), dtype, g) for q, _ in lens]
+    k_cache, v_cache, tables, kv_lens = _paged(ks, vs, 16)
+    cu = torch.tensor([0] + torch.tensor([x for x, _ in lens]).cumsum(0).tolist(), device=DEV)
+    out = A.varlen_attention(torch.cat(qs), k_cache, v_cache, cu, 1000, kv_lens=kv_lens, block_tables=tables)
+    for i, (qi, ki, vi) in enumerate(zip(qs, ks, vs)):
+        _check_rule(out[int(cu[i]):int(cu[i + 1])], _attend64(qi, ki, vi, True), _same_precision(qi, ki, vi, True),
+                    dtype)
+    q = _rand((64, 32, head_dim), dtype, g)
+    k, v = _rand((64, 8, head_dim), dtype, g), _rand((64, 8, head_dim), dtype, g)
+    positions = torch.randint(0, 8192, (64,), generator=g).to(DEV)
+    slots = torch.randperm(4096, generator=g)[:64].to(DEV)
+    inv_freq = (1.0 / 10000 ** (torch.arange(head_dim // 2, dtype=torch.float32) / (head_dim // 2))).to(DEV)
+    results = []
+    for backend in ("torch", "triton", "cuda"):
+        qq, kc, vc = q.clone(), torch.zeros(256, 16, 8, head_dim, dtype=dtype, device=DEV), None
+        vc = torch.zeros_like(kc)
+        A.rope_kv_append(qq, k, v, positions, slots, kc, vc, inv_freq, backend=backend)
+        results.append((qq, kc, vc))
+    for qq, kc, vc in results[1:]:
+        torch.testing.assert_close(qq, results[0][0], rtol=torch.finfo(dtype).eps * 2, atol=1e-3)
+        torch.testing.assert_close(kc, results[0][1], rtol=torch.finfo(dtype).eps * 2, atol=1e-3)
+        assert torch.equal(vc, results[0][2])

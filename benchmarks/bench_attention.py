@@ -1,0 +1,133 @@
+"""Attention kernels against torch's SDPA (and flash-attn when importable), in the same run.
+
+Prefill: causal, d = 128, 32 heads, one sequence of S = 512..8192 tokens (paged K/V for the
+engine's kernel, contiguous for the peers): TFLOP/s = 4 * S^2 * H * D / 2 / time.
+Decode: B = 1..64, context 512..16384, 32 q heads / 32 kv heads, d = 128, block 16: achieved
+TB/s = K/V bytes read / time; the peer is SDPA over the same K/V stored contiguously.
+
+    python benchmarks/bench_attention.py [--json PATH] [--quick]
+"""
+
+import argparse
+import json
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from anygpt_engine.bench import git_sha
+from anygpt_engine.ops import attention as A
+
+
+def _time(fn, repeats=20):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _paged_copy(k, block_size):
+    """[S, H, D] -> cache [S / block, block, H, D] with a shuffled block table."""
+    s = k.shape[0]
+    blocks = -(-s // block_size)
+    order = torch.randperm(blocks, device=k.device)
+    cache = torch.empty(blocks, block_size, *k.shape[1:], dtype=k.dtype, device=k.device)
+    padded = torch.zeros(blocks * block_size, *k.shape[1:], dtype=k.dtype, device=k.device)
+    padded[:s] = k
+    cache[order] = padded.view(blocks, block_size, *k.shape[1:])
+    return cache, order
+
+
+def bench_prefill(rows, quick, dtype):
+    heads, dim = 32, 128
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        flash_attn_func = None
+    for s in ([512, 1024] if quick else [512, 1024, 2048, 4096, 8192]):
+        q, k, v = (torch.randn(s, heads, dim, device="cuda", dtype=dtype) for _ in range(3))
+        k_cache, order = _paged_copy(k, 16)
+        v_cache = torch.empty_like(k_cache)
+        v_cache[order] = torch.cat([v, v.new_zeros(k_cache.shape[0] * 16 - s, heads, dim)]).view_as(k_cache)
+        table, lens, cu = order.view(1, -1), torch.tensor([s], device="cuda"), torch.tensor([0, s], device="cuda")
+        flops = 4 * s * s * heads * dim / 2
+        times = {
+            "engine_triton": _time(lambda: A.varlen_attention(q, k_cache, v_cache, cu, s, kv_lens=lens,
+                                                                block_tables=table, backend="triton")),
+            "sdpa": _time(lambda: F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                                                 v.transpose(0, 1)[None], is_causal=True)),
+        }
+        if flash_attn_func is not None:
+            times["flash_attn"] = _time(lambda: flash_attn_func(q[None], k[None], v[None], causal=True))
+        for name, t in times.items():
+            rows.append(dict(kind="prefill", impl=name, seq=s, median_ms=t * 1e3, tflops=flops / t / 1e12,
+                             vs_sdpa=times["sdpa"] / t))
+
+
+def bench_decode(rows, quick, dtype):
+    heads, dim, block = 32, 128, 16
+    batches = [1, 32] if quick else [1, 4, 16, 32, 64]
+    contexts = [512, 4096] if quick else [512, 2048, 4096, 16384]
+    for b in batches:
+        for ctx in contexts:
+            if b * ctx * heads * dim * 2 * 2 > 24 * 2**30:
+                continue
+            k = torch.randn(b, ctx, heads, dim, device="cuda", dtype=dtype)
+            v = torch.randn_like(k)
+            q = torch.randn(b, heads, dim, device="cuda", dtype=dtype)
+            blocks = ctx // block
+            order = torch.randperm(b * blocks, device="cuda")
+            k_cache = torch.empty(b * blocks, block, heads, dim, device="cuda", dtype=dtype)
+            v_cache = torch.empty_like(k_cache)
+            k_cache[order] = k.reshape(b * blocks, block, heads, dim)
+            v_cache[order] = v.reshape(b * blocks, block, heads, dim)
+            table = order.view(b, blocks)
+            lens = torch.full((b,), ctx, device="cuda")
+            moved = 2 * k.numel() * k.element_size()
+            kt, vt, qt = k.transpose(1, 2), v.transpose(1, 2), q.unsqueeze(2)
+            times = {"sdpa_contiguous": _time(lambda: F.scaled_dot_product_attention(qt, kt, vt))}
+            for face in ("cuda", "triton"):
+                try:
+                    times[f"engine_{face}"] = _time(
+                        lambda: A.paged_decode_attention(q, k_cache, v_cache, table, lens, backend=face))
+                except (RuntimeError, ValueError) as err:
+                    print(f"decode {face} B={b} ctx={ctx}: {err}")
+            for name, t in times.items():
+                rows.append(dict(kind="decode", impl=name, batch=b, context=ctx, median_ms=t * 1e3,
+                                 tb_s=moved / t / 1e12, vs_sdpa=times["sdpa_contiguous"] / t))
+            del k, v, k_cache, v_cache
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_attention: needs a CUDA GPU (the CPU path is the torch reference)")
+        return
+    dtype = torch.bfloat16
+    rows = []
+    bench_prefill(rows, args.quick, dtype)
+    bench_decode(rows, args.quick, dtype)
+    meta = dict(gpu=torch.cuda.get_device_name(), git_sha=git_sha(), dtype="bfloat16")
+    print(f"# attention  {meta}")
+    for r in rows:
+        shape = f"S={r['seq']}" if r["kind"] == "prefill" else f"B={r['batch']} ctx={r['context']}"
+        rate = f"{r['tflops']:.0f} TFLOP/s" if r["kind"] == "prefill" else f"{r['tb_s']:.2f} TB/s"
+        print(f"{r['kind']:>8} {shape:>18} {r['impl']:>16} {r['median_ms']:9.3f} ms {rate:>14} "
+              f"{r['vs_sdpa']:6.2f}x sdpa")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{**meta, **r} for r in rows], f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,5 +1,6 @@
-"""`anygpt-engine bench`: end-to-end decode benchmark of the engine (and, with --compare hf,
-of transformers' generate on the same weights and shapes, in the same process).
+"""`anygpt-engine bench`: end-to-end decode benchmark of the engine. With --compare hf it also
+runs transformers' generate on the same weights and shapes, and with --compare reference the
+engine with every op on its torch reference face, both in the same process.
 
 Reported: time to first token (prefill of the whole batch plus the first sample), decode
 tokens/s, ms per decode step p50/p99, bytes read per decode step (weights; KV cache), the
@@ -10,6 +11,7 @@ and on a GPU its name, clocks, power and memory from NVML.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -138,6 +140,26 @@ def run_engine(engine: Engine, prompts, new_tokens: int, progress: bool) -> dict
     return {"ttft_s": ttft, "step_s": steps, "outputs": [outputs[rid] for rid in ids], "total_s": ttft + sum(steps)}
 
 
+def run_reference(engine: Engine, prompts, new_tokens: int) -> dict:
+    """The same model and weights with every op on its torch reference face (ANYGPT_BACKEND=torch),
+    decode steps captured in CUDA graphs all the same."""
+    from anygpt_engine.weights import hf_state_dict
+
+    previous = os.environ.get("ANYGPT_BACKEND")
+    os.environ["ANYGPT_BACKEND"] = "torch"
+    try:
+        reference = Engine(engine.config, weights=hf_state_dict(engine.model, engine.config), device=engine.device,
+                           dtype=engine.dtype, max_batch_size=len(prompts),
+                           cuda_graphs=engine.graphs is not None)
+        run_engine(reference, _prompts(reference, len(prompts), len(prompts[0]), 1), min(4, new_tokens), False)
+        return run_engine(reference, prompts, new_tokens, progress=False)
+    finally:
+        if previous is None:
+            del os.environ["ANYGPT_BACKEND"]
+        else:
+            os.environ["ANYGPT_BACKEND"] = previous
+
+
 def run_hf(engine: Engine, prompts, new_tokens: int) -> dict:
     """transformers' generate (eager, greedy) on the engine's weights, same shapes."""
     try:
@@ -212,7 +234,20 @@ def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_toke
         "cpu": platform.processor() or platform.machine(),
         **nvml_info(device),
     }
-    if compare == "hf":
+    compare = [compare] if isinstance(compare, str) else list(compare or ())
+    unknown = [c for c in compare if c not in ("hf", "reference")]
+    if unknown:
+        raise ValueError(f"compare={unknown!r}, expected 'hf' and/or 'reference'")
+    if "reference" in compare:
+        ref = run_reference(engine, prompts, new_tokens)
+        same = sum(a == b for ours, theirs in zip(result["outputs"], ref["outputs"]) for a, b in zip(ours, theirs))
+        report.update({
+            "reference_decode_tok_s": batch_size * len(ref["step_s"]) / sum(ref["step_s"]),
+            "speedup_vs_reference": (batch_size * len(steps) / sum(steps))
+            / (batch_size * len(ref["step_s"]) / sum(ref["step_s"])),
+            "greedy_tokens_equal_to_reference": same / (batch_size * new_tokens),
+        })
+    if "hf" in compare:
         hf = run_hf(engine, prompts, new_tokens)
         same = sum(a == b for ours, theirs in zip(result["outputs"], hf["outputs"]) for a, b in zip(ours, theirs))
         report.update({
@@ -220,8 +255,6 @@ def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_toke
             "speedup_vs_hf": hf["total_s"] / result["total_s"],
             "greedy_tokens_equal_to_hf": same / (batch_size * new_tokens),
         })
-    elif compare is not None:
-        raise ValueError(f"compare={compare!r}, expected 'hf' or None")
     return report
 
 
@@ -231,7 +264,8 @@ _ROWS = [
     ("step_ms_p50", "{:.3f}"), ("step_ms_p99", "{:.3f}"), ("weight_bytes_per_step", "{:,}"),
     ("kv_bytes_per_step", "{:,.0f}"), ("achieved_gb_s", "{:.1f}"), ("copy_bandwidth_gb_s", "{:.1f}"),
     ("fraction_of_copy_bandwidth", "{:.1%}"), ("end_to_end_tok_s", "{:.1f}"), ("hf_end_to_end_tok_s", "{:.1f}"),
-    ("speedup_vs_hf", "{:.2f}x"), ("greedy_tokens_equal_to_hf", "{:.1%}"), ("prefix_cache_hit_rate", "{:.1%}"),
+    ("speedup_vs_hf", "{:.2f}x"), ("reference_decode_tok_s", "{:.1f}"), ("speedup_vs_reference", "{:.2f}x"),
+    ("greedy_tokens_equal_to_reference", "{:.1%}"), ("greedy_tokens_equal_to_hf", "{:.1%}"), ("prefix_cache_hit_rate", "{:.1%}"),
     ("preemptions", "{}"), ("kv_blocks", "{:,}"), ("cuda_graphs", "{}"), ("graph_capture_s", "{:.2f}"),
     ("graph_buckets_used", "{}"), ("sm_clock_mhz", "{}"),
     ("mem_clock_mhz", "{}"), ("power_w", "{:.0f}"), ("power_limit_w", "{:.0f}"), ("memory_used_gib", "{:.1f}"),

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=None, help="default 128 on a GPU, 32 on a CPU")
     b.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     b.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    b.add_argument("--compare", default=None, choices=["hf"], help="also run transformers' generate")
+    b.add_argument("--compare", action="append", choices=["hf", "reference"],
+                   help="also run transformers' generate (hf) and/or the torch-reference ops (reference); repeatable")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     b.add_argument("--no-progress", action="store_true")

@@ -29,11 +29,13 @@ def test_bench_reports_and_writes_json(tmp_path, capsys):
 
 def test_bench_compare_hf(capsys):
     pytest.importorskip("transformers")
-    report = bench.benchmark(model="tiny", batch_size=2, prompt_len=5, new_tokens=8, device="cpu", compare="hf",
-                             progress=False)
+    report = bench.benchmark(model="tiny", batch_size=2, prompt_len=5, new_tokens=8, device="cpu",
+                             compare=["hf", "reference"], progress=False)
     assert report["hf_end_to_end_tok_s"] > 0 and report["speedup_vs_hf"] > 0
+    assert report["reference_decode_tok_s"] > 0 and report["speedup_vs_reference"] > 0
     # Same weights, same greedy decoding, float32: the tokens agree.
     assert report["greedy_tokens_equal_to_hf"] == 1.0
+    assert report["greedy_tokens_equal_to_reference"] == 1.0
 
 
 def test_bench_rejects_bad_options(capsys):

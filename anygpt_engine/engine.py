@@ -134,6 +134,7 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._requests: dict[object, Request] = {}
+        self.head_rows_read = 0  # LM head rows read by decode steps, summed over their requests
         self._aborted: list[RequestOutput] = []
 
         self.block_size = block_size
@@ -158,7 +159,7 @@ class Engine:
                 widths.append(blocks_per_seq)
             with torch.inference_mode():
                 self.graphs = DecodeGraphs(self._decode_forward, buckets(max_batch_size), widths, self.scratch_slot,
-                                           self.device)
+                                           config.vocab_size, self.device)
 
     def _default_vocab(self, checkpoint: Path | None) -> Vocabulary:
         if checkpoint is not None:
@@ -230,7 +231,8 @@ class Engine:
                              f"cache has {blocks.usable_blocks}; lower max_new_tokens or give the engine more blocks")
         stops = params.stop_token_ids if params.stop_token_ids is not None else (self.config.eos_token_id,)
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
-        request = Request(request_id, prompt, params, seed, frozenset(stops), max_new, next(self._arrivals))
+        request = Request(request_id, prompt, params, seed, frozenset(stops), max_new, next(self._arrivals),
+                          self.constraint.state_after(prompt))
         self._requests[request_id] = request
         self.scheduler.add(request)
         return request_id
@@ -346,9 +348,9 @@ class Engine:
 
     def _decode_forward(self, inputs: DecodeInputs, work: SamplerWork = SamplerWork.ALL) -> torch.Tensor:
         """Embedding through sampling for one token per row: device work only (graph-safe)."""
-        h = self.model(inputs.tokens.unsqueeze(1), inputs.positions.unsqueeze(1), self.kv_cache.layers,
-                       inputs.slot_mapping.unsqueeze(1), inputs.block_tables)
-        logits = self.model.logits(h[:, -1])
+        x = self.model(inputs.tokens.unsqueeze(1), inputs.positions.unsqueeze(1), self.kv_cache.layers,
+                       inputs.slot_mapping.unsqueeze(1), inputs.block_tables, final_norm=False)
+        logits = self.model.head(x[:, -1], inputs.head_rows)
         with nvtx_range("anygpt/sample"):
             return sample(logits, inputs.slots, self.sampling_state, self.constraint, work)
 
@@ -362,6 +364,7 @@ class Engine:
             slot_mapping=torch.tensor([self._slot_of(t, p) for t, p in zip(tables, positions)]),
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
             slots=torch.tensor([r.slot for r in requests]),
+            head_rows=torch.tensor(self._head_rows(requests)),
         )
         with nvtx_range("anygpt/decode_step"):
             if self.graphs is not None:
@@ -375,8 +378,17 @@ class Engine:
             self.scheduler.blocks.commit(request.request_id, request.tokens)
         return ids
 
+    def _head_rows(self, requests: list[Request]) -> tuple[int, int]:
+        """The LM head rows a decode batch needs: one open modality's span when every request is
+        inside the same one, else the whole vocabulary (the sampler masks what is illegal)."""
+        states = {r.modality for r in requests}
+        rows = self.constraint.head_rows[states.pop()] if len(states) == 1 else self.constraint.head_rows[0]
+        self.head_rows_read += rows[1] * len(requests)
+        return rows
+
     def _append(self, request: Request, token: int) -> RequestOutput:
         request.output.append(token)
+        request.modality = self.constraint.state_after([token], request.modality)
         reason = None
         if token in request.stop_ids:
             reason = "stop"

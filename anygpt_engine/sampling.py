@@ -199,6 +199,8 @@ class ModalityConstraint:
     allowed: torch.Tensor  # [1 + M, V] bool; row 0 allows everything
     opens: torch.Tensor  # [V] i64: state a token opens (its modality's row), else -1
     closes: torch.Tensor  # [1 + M] i64: the end token of each state (-1 for state 0)
+    head_rows: list[tuple[int, int]]  # per state, the LM head rows (first, count) holding its legal ids
+    _host: tuple | None = None  # host copies of opens/closes, built on first use
 
     @classmethod
     def build(cls, vocab, device: torch.device, enabled: bool = True) -> "ModalityConstraint":
@@ -206,6 +208,7 @@ class ModalityConstraint:
         allowed = torch.ones(1 + len(names), vocab.size, dtype=torch.bool)
         opens = torch.full((vocab.size,), -1, dtype=torch.int64)
         closes = torch.full((1 + len(names),), -1, dtype=torch.int64)
+        head_rows = [(0, vocab.size)]
         for state, name in enumerate(names, start=1):
             span = vocab.span(name)
             allowed[state] = False
@@ -213,14 +216,17 @@ class ModalityConstraint:
             allowed[state, span.end_token] = True
             opens[span.start_token] = state
             closes[state] = span.end_token
-        return cls(allowed.to(device), opens.to(device), closes.to(device))
+            legal = [span.first_value, span.first_value + span.num_values - 1, span.end_token]
+            head_rows.append((min(legal), max(legal) - min(legal) + 1))
+        return cls(allowed.to(device), opens.to(device), closes.to(device), head_rows)
 
-    def state_after(self, tokens: list[int]) -> int:
-        """Constraint state after a host-side token sequence (e.g. a prompt ending in <sosp>)."""
-        opens, closes = self.opens.tolist(), self.closes.tolist()
-        state = 0
+    def state_after(self, tokens: list[int], state: int = 0) -> int:
+        """Constraint state after host-side tokens (a prompt ending in <sosp>, a new token)."""
+        if self._host is None:
+            self._host = ({t: s for t, s in enumerate(self.opens.tolist()) if s >= 0}, self.closes.tolist())
+        opens, closes = self._host
         for t in tokens:
-            if opens[t] >= 0:
+            if t in opens:
                 state = opens[t]
             elif state and t == closes[state]:
                 state = 0

@@ -135,7 +135,7 @@ def test_kv_cache_rejects_bad_sizes():
 
 
 def _request(i, prompt_len, max_new):
-    return Request(i, [1] * prompt_len, SamplingParams(max_new_tokens=max_new), 0, frozenset(), max_new, i)
+    return Request(i, [1] * prompt_len, SamplingParams(max_new_tokens=max_new), 0, frozenset(), max_new, i, 0)
 
 
 def test_scheduler_preempts_the_newest_running_request():

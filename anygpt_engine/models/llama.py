@@ -27,6 +27,7 @@ from torch import nn
 from anygpt_engine import ops
 from anygpt_engine.config import ModelConfig
 from anygpt_engine.ops import attention
+from anygpt_engine.ops.lm_head import lm_head
 from anygpt_engine.profiling import nvtx_range
 
 
@@ -102,9 +103,10 @@ class Llama(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_layers: list[torch.Tensor],
-                slot_mapping: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
-        """Final-normed hidden states [B, S, H] of `tokens` [B, S] at `positions` [B, S], with
-        the paged cache `kv_layers` (one tensor per layer) read and written in place."""
+                slot_mapping: torch.Tensor, block_tables: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+        """Hidden states [B, S, H] of `tokens` [B, S] at `positions` [B, S], with the paged cache
+        `kv_layers` (one tensor per layer) read and written in place. final_norm=False returns
+        them before the final RMSNorm, for `head`, which fuses it."""
         c = self.config
         with nvtx_range("anygpt/op/embedding"):
             residual = F.embedding(tokens, self.tok_embeddings)
@@ -117,6 +119,8 @@ class Llama(nn.Module):
                 h = ops.rms_norm(attn, block.ffn_norm, c.rms_norm_eps, residual=residual)
             with nvtx_range("anygpt/op/mlp"):
                 ffn = self.feed_forward(block, h)
+            if i + 1 == len(self.layers) and not final_norm:
+                return residual.add_(ffn)
             next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
             with nvtx_range("anygpt/op/rms_norm"):
                 h = ops.rms_norm(ffn, next_norm, c.rms_norm_eps, residual=residual)
@@ -126,3 +130,9 @@ class Llama(nn.Module):
         """float32 logits of final-normed hidden states."""
         with nvtx_range("anygpt/op/lm_head"):
             return F.linear(h, self.lm_head).float()
+
+    def head(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """float32 logits [B, V] of pre-norm hidden states x [B, H] (forward(final_norm=False)),
+        reading only the vocabulary rows (first, count) in `rows`; the others are -inf."""
+        with nvtx_range("anygpt/op/lm_head"):
+            return lm_head(x, self.norm, self.config.rms_norm_eps, self.lm_head, rows=rows)

@@ -42,14 +42,16 @@ class DecodeInputs:
     slot_mapping: torch.Tensor  # [B] i64: cache slot of each token
     block_tables: torch.Tensor  # [B, W] i64
     slots: torch.Tensor  # [B] i64: sampling-state slot of each row
+    head_rows: torch.Tensor  # [2] i64: vocabulary rows the LM head reads (first, count)
 
     @classmethod
-    def empty(cls, batch: int, width: int, scratch_slot: int, device) -> "DecodeInputs":
+    def empty(cls, batch: int, width: int, scratch_slot: int, vocab_size: int, device) -> "DecodeInputs":
         def zeros(*shape):
             return torch.zeros(shape, dtype=torch.int64, device=device)
 
         return cls(zeros(batch), zeros(batch), zeros(batch), zeros(batch, width),
-                   torch.full((batch,), scratch_slot, dtype=torch.int64, device=device))
+                   torch.full((batch,), scratch_slot, dtype=torch.int64, device=device),
+                   torch.tensor([0, vocab_size], device=device))
 
     def fill(self, host: "DecodeInputs", scratch_slot: int) -> None:
         """Copies a smaller host batch into these buffers and pads the rest."""
@@ -62,13 +64,14 @@ class DecodeInputs:
         self.block_tables[:n, :w].copy_(host.block_tables, non_blocking=True)
         self.slots[:n].copy_(host.slots, non_blocking=True)
         self.slots[n:].fill_(scratch_slot)
+        self.head_rows.copy_(host.head_rows, non_blocking=True)
 
 
 class DecodeGraphs:
     """Captured decode steps. `step_fn(inputs) -> ids` must only do device work."""
 
     def __init__(self, step_fn: Callable[[DecodeInputs], torch.Tensor], batch_sizes: list[int], widths: list[int],
-                 scratch_slot: int, device: torch.device):
+                 scratch_slot: int, vocab_size: int, device: torch.device):
         self.batch_sizes = batch_sizes
         self.widths = widths
         self.scratch_slot = scratch_slot
@@ -80,7 +83,7 @@ class DecodeGraphs:
             # Largest first, so the shared pool is sized once by the biggest graph.
             for batch in reversed(batch_sizes):
                 for width in reversed(widths):
-                    inputs = DecodeInputs.empty(batch, width, scratch_slot, device)
+                    inputs = DecodeInputs.empty(batch, width, scratch_slot, vocab_size, device)
                     side = torch.cuda.Stream(device)
                     side.wait_stream(torch.cuda.current_stream(device))
                     with torch.cuda.stream(side):

@@ -27,6 +27,7 @@ class Request:
     stop_ids: frozenset
     max_new: int  # max_new_tokens, capped by the context
     arrival: int
+    modality: int  # host copy of the constraint state (0 = no span open): picks the LM head rows
     output: list[int] = field(default_factory=list)
     slot: int | None = None
     num_computed: int = 0  # leading tokens whose K/V are in the cache

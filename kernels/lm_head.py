@@ -1,0 +1,65 @@
+"""LM head with the final RMSNorm fused in, reading only a device-given range of vocabulary
+rows (the open modality's values and end token); logits outside the range are -inf.
+
+Each program owns BLOCK_V vocabulary rows, aligned to BLOCK_V whatever the range, so a row's
+logit is computed the same way (same tiles, same summation order) for any range: the
+restricted head is bit-identical to the full one on the rows it reads. Programs whose rows
+are all outside the range only write -inf and never touch the weight.
+"""
+
+import triton
+import triton.language as tl
+
+from anygpt_engine.kernels.common import round_to
+
+
+@triton.jit
+def _lm_head_kernel(out_ptr, x_ptr, norm_ptr, weight_ptr, rows_ptr, batch, hidden, vocab, x_stride, eps,
+                    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    first = tl.load(rows_ptr)
+    count = tl.load(rows_ptr + 1)
+    inside = (v >= first) & (v < first + count) & (v < vocab)
+    b = tl.arange(0, BLOCK_B)
+    b_mask = b < batch
+    out_ptrs = out_ptr + b[:, None] * vocab + v[None, :]
+    store_mask = b_mask[:, None] & (v < vocab)[None, :]
+    if tl.sum(inside.to(tl.int32), axis=0) == 0:
+        tl.store(out_ptrs, tl.full([BLOCK_B, BLOCK_V], float("-inf"), tl.float32), mask=store_mask)
+        return
+    dtype = x_ptr.dtype.element_ty
+    k = tl.arange(0, BLOCK_K)
+    # Sum of squares of each row of x (as ops.rms_norm: float32, HF rounding points below).
+    squares = tl.zeros([BLOCK_B], tl.float32)
+    for start in range(0, hidden, BLOCK_K):
+        cols = start + k
+        xs = tl.load(x_ptr + b[:, None] * x_stride + cols[None, :], mask=b_mask[:, None] & (cols < hidden)[None, :],
+                     other=0.0).to(tl.float32)
+        squares += tl.sum(xs * xs, axis=1)
+    inv_rms = 1.0 / tl.sqrt(squares / hidden + eps)
+    acc = tl.zeros([BLOCK_B, BLOCK_V], tl.float32)
+    for start in range(0, hidden, BLOCK_K):
+        cols = start + k
+        col_mask = cols < hidden
+        xs = tl.load(x_ptr + b[:, None] * x_stride + cols[None, :], mask=b_mask[:, None] & col_mask[None, :],
+                     other=0.0).to(tl.float32)
+        w_norm = tl.load(norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        normed = round_to(xs * inv_rms[:, None], dtype).to(tl.float32)
+        h = round_to(w_norm[None, :] * normed, dtype)
+        w = tl.load(weight_ptr + v[:, None] * hidden + cols[None, :], mask=inside[:, None] & col_mask[None, :],
+                    other=0.0)
+        acc += tl.dot(h, tl.trans(w))
+    tl.store(out_ptrs, tl.where(inside[None, :], acc, float("-inf")), mask=store_mask)
+
+
+def lm_head(out, x, norm_weight, weight, rows, eps, block_v=64, block_k=128, num_warps=4, num_stages=3):
+    """out [B, V] float32 <- norm(x [B, H]) @ weight[V, H].T on the rows given by rows = (first, count)."""
+    batch, hidden = x.shape
+    vocab = weight.shape[0]
+    if batch == 0:
+        return
+    _lm_head_kernel[(triton.cdiv(vocab, block_v),)](
+        out, x, norm_weight, weight, rows, batch, hidden, vocab, x.stride(0), eps,
+        BLOCK_B=max(16, triton.next_power_of_2(batch)), BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
+        num_stages=num_stages)

@@ -1,0 +1,74 @@
+"""The fused final-norm + LM head: restricted to a modality's rows it equals the full head on
+those rows (bit for bit in each face) and never reads the others."""
+
+import pytest
+import torch
+
+from anygpt_engine import Vocabulary
+from anygpt_engine.ops.lm_head import lm_head, lm_head_reference
+from conftest import HAS_GPU, poison
+
+DEV = "cuda" if HAS_GPU else "cpu"
+
+
+def _inputs(batch, hidden, vocab, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(batch, hidden, generator=g) * 2).to(dtype).to(DEV)
+    norm = (torch.rand(hidden, generator=g) + 0.5).to(dtype).to(DEV)
+    weight = (torch.randn(vocab, hidden, generator=g) * 0.05).to(dtype).to(DEV)
+    return x, norm, weight
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("batch", [1, 7, 33])
+def test_restricted_rows_equal_the_full_head(backend, dtype, batch):
+    x, norm, weight = _inputs(batch, 192, 1000, dtype)
+    full = lm_head(x, norm, 1e-5, weight, out=poison(torch.empty(batch, 1000, device=DEV)), backend=backend)
+    for first, count in ((0, 1000), (130, 258), (999, 1), (64, 64), (5, 7)):
+        rows = torch.tensor([first, count], device=DEV)
+        got = lm_head(x, norm, 1e-5, weight, rows=rows, out=poison(torch.empty(batch, 1000, device=DEV)),
+                      backend=backend)
+        inside = torch.zeros(1000, dtype=torch.bool, device=DEV)
+        inside[first:first + count] = True
+        assert torch.equal(got[:, inside], full[:, inside])
+        assert torch.isneginf(got[:, ~inside]).all()
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
+def test_triton_matches_reference(dtype, tol):
+    x, norm, weight = _inputs(5, 256, 700, dtype, seed=1)
+    ref = lm_head_reference(x, norm, 1e-5, weight)
+    got = lm_head(x, norm, 1e-5, weight, backend="triton")
+    torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_restricted_head_never_reads_other_rows():
+    x, norm, weight = _inputs(3, 128, 600, torch.float32, seed=2)
+    poisoned = weight.clone()
+    rows = torch.tensor([200, 70], device=DEV)
+    poisoned[:200] = float("nan")
+    poisoned[270:] = float("nan")
+    got = lm_head(x, norm, 1e-5, poisoned, rows=rows, backend="triton")
+    expected = lm_head(x, norm, 1e-5, weight, rows=rows, backend="triton")
+    assert torch.equal(got, expected)
+
+
+def test_speech_span_is_the_legal_rows():
+    vocab = Vocabulary.anygpt()
+    span = vocab.span("speech")
+    first, count = span.first_value, span.end_token - span.first_value + 1
+    assert count == 1026  # 1024 values, <sosp> (masked by the sampler), <eosp>
+    assert first + count - 1 == vocab.end_token("speech")
+
+
+def test_lm_head_argument_errors():
+    x, norm, weight = _inputs(2, 64, 100, torch.float32)
+    with pytest.raises(ValueError, match=r"norm_weight.shape=\(63,\)"):
+        lm_head(x, norm[:63], 1e-5, weight)
+    with pytest.raises(ValueError, match="weight.shape"):
+        lm_head(x, norm, 1e-5, weight[:, :32])
+    with pytest.raises(ValueError, match="rows must be an int64 tensor"):
+        lm_head(x, norm, 1e-5, weight, rows=torch.tensor([0, 5], dtype=torch.int32, device=DEV))
+    with pytest.raises(ValueError, match="at most 64"):
+        lm_head(torch.randn(65, 64, device=DEV), norm, 1e-5, weight)

@@ -86,15 +86,17 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def _prompts(engine: Engine, batch_size: int, prompt_len: int, seed: int) -> list[list[int]]:
+def _prompts(engine: Engine, batch_size: int, prompt_len: int, seed: int, modality: str | None = None) -> list[list[int]]:
+    """Random text prompts; with a modality, each ends by opening its span (e.g. <sosp>)."""
     g = torch.Generator().manual_seed(seed)
-    text_ids = torch.randint(3, 32000, (batch_size, prompt_len - 1), generator=g)
-    return [[engine.config.bos_token_id] + row.tolist() for row in text_ids]
+    tail = [engine.vocab.start_token(modality)] if modality else []
+    text_ids = torch.randint(3, 32000, (batch_size, prompt_len - 1 - len(tail)), generator=g)
+    return [[engine.config.bos_token_id] + row.tolist() + tail for row in text_ids]
 
 
 def weight_bytes_per_step(engine: Engine, batch_size: int) -> int:
-    """Bytes of weights one decode step reads: every matrix and norm, but only the batch's
-    rows of the embedding table (the LM head reads its whole matrix)."""
+    """Bytes of weights one decode step reads with the full LM head: every matrix and norm, but
+    only the batch's rows of the embedding table."""
     model = engine.model
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     embed = model.tok_embeddings
@@ -188,29 +190,33 @@ def run_hf(engine: Engine, prompts, new_tokens: int) -> dict:
 
 
 def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_tokens=None, dtype=None, device=None,
-              compare=None, seed=0, progress=True) -> dict:
+              compare=None, seed=0, progress=True, modality=None) -> dict:
     device = torch.device(device) if device is not None else default_device()
     if model == "auto":
         model = "anygpt-7b" if device.type == "cuda" else "tiny"
     if new_tokens is None:
         new_tokens = 128 if device.type == "cuda" else 32
-    if batch_size < 1 or prompt_len < 1 or new_tokens < 2:
+    if batch_size < 1 or prompt_len < 2 or new_tokens < 2:
         raise ValueError(f"batch_size={batch_size}, prompt_len={prompt_len}, new_tokens={new_tokens}: expected "
-                         "batch_size >= 1, prompt_len >= 1, new_tokens >= 2")
+                         "batch_size >= 1, prompt_len >= 2, new_tokens >= 2")
     load_start = time.perf_counter()
     engine = Engine(model, weights=weights, device=device, dtype=resolve_dtype(dtype) if dtype else None, seed=seed,
                     max_batch_size=batch_size)
     _sync(device)
     load_s = time.perf_counter() - load_start
-    prompts = _prompts(engine, batch_size, prompt_len, seed)
+    prompts = _prompts(engine, batch_size, prompt_len, seed, modality)
 
     # Warm-up (allocator, kernels) on other prompts, so the timed run finds no cached prefix.
-    run_engine(engine, _prompts(engine, batch_size, prompt_len, seed + 1), min(4, new_tokens), progress=False)
+    run_engine(engine, _prompts(engine, batch_size, prompt_len, seed + 1, modality), min(4, new_tokens),
+               progress=False)
     hits_before = engine.scheduler.blocks.hit_tokens, engine.scheduler.blocks.queried_tokens
+    rows_before = engine.head_rows_read
     result = run_engine(engine, prompts, new_tokens, progress)
+    head_rows = (engine.head_rows_read - rows_before) / (batch_size * len(result["step_s"]))
     steps = result["step_s"]
     median = statistics.median(steps)
-    weight_bytes = weight_bytes_per_step(engine, batch_size)
+    head_saved = (engine.config.vocab_size - head_rows) * engine.config.hidden_size * engine.dtype.itemsize
+    weight_bytes = weight_bytes_per_step(engine, batch_size) - int(head_saved)
     kv_bytes = kv_bytes_per_step(engine, batch_size, prompt_len + new_tokens / 2)
     bandwidth = copy_bandwidth(device)
     stats = engine.stats()
@@ -226,6 +232,9 @@ def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_toke
         "copy_bandwidth_gb_s": bandwidth / 1e9,
         "fraction_of_copy_bandwidth": (weight_bytes + kv_bytes) / median / bandwidth,
         "end_to_end_tok_s": batch_size * new_tokens / result["total_s"],
+        "modality": modality or "text",
+        "lm_head_rows_per_token": head_rows,
+        "lm_head_bytes_saved_per_token": head_saved,
         "prefix_cache_hit_rate": (stats.prefix_hits - hits_before[0]) / max(1, stats.prefix_queries - hits_before[1]),
         "preemptions": stats.preemptions, "kv_blocks": stats.total_blocks, "cuda_graphs": stats.graphs,
         "graph_capture_s": stats.graph_capture_s,
@@ -263,7 +272,8 @@ _ROWS = [
     ("new_tokens", "{}"), ("parameters", "{:,}"), ("ttft_ms", "{:.2f}"), ("decode_tok_s", "{:.1f}"),
     ("step_ms_p50", "{:.3f}"), ("step_ms_p99", "{:.3f}"), ("weight_bytes_per_step", "{:,}"),
     ("kv_bytes_per_step", "{:,.0f}"), ("achieved_gb_s", "{:.1f}"), ("copy_bandwidth_gb_s", "{:.1f}"),
-    ("fraction_of_copy_bandwidth", "{:.1%}"), ("end_to_end_tok_s", "{:.1f}"), ("hf_end_to_end_tok_s", "{:.1f}"),
+    ("fraction_of_copy_bandwidth", "{:.1%}"), ("end_to_end_tok_s", "{:.1f}"), ("modality", "{}"),
+    ("lm_head_rows_per_token", "{:,.0f}"), ("lm_head_bytes_saved_per_token", "{:,.0f}"), ("hf_end_to_end_tok_s", "{:.1f}"),
     ("speedup_vs_hf", "{:.2f}x"), ("reference_decode_tok_s", "{:.1f}"), ("speedup_vs_reference", "{:.2f}x"),
     ("greedy_tokens_equal_to_reference", "{:.1%}"), ("greedy_tokens_equal_to_hf", "{:.1%}"), ("prefix_cache_hit_rate", "{:.1%}"),
     ("preemptions", "{}"), ("kv_blocks", "{:,}"), ("cuda_graphs", "{}"), ("graph_capture_s", "{:.2f}"),

@@ -12,7 +12,7 @@ def _bench(args) -> int:
     report = bench.benchmark(model=args.model, weights=args.weights, batch_size=args.batch_size,
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=args.dtype,
                              device=args.device, compare=args.compare, seed=args.seed,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, modality=args.modality)
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compare", action="append", choices=["hf", "reference"],
                    help="also run transformers' generate (hf) and/or the torch-reference ops (reference); repeatable")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--modality", default=None, choices=["image", "speech", "music", "audio"],
+                   help="end prompts with <soX>: decode inside that span (the LM head reads only its rows)")
     b.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_bench)

@@ -47,3 +47,10 @@ def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "anygpt_engine.cli", "bench", "--help"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0 and "--compare" in result.stdout
+
+
+def test_bench_in_a_speech_span_reads_only_speech_rows():
+    report = bench.benchmark(model="tiny", batch_size=2, prompt_len=6, new_tokens=5, device="cpu", modality="speech",
+                             progress=False)
+    assert report["lm_head_rows_per_token"] <= 1026  # 1024 values, <sosp>, <eosp>; full head after <eosp>
+    assert report["lm_head_bytes_saved_per_token"] >= (53516 - 1026) * 128 * 4 * 0.5

@@ -140,3 +140,18 @@ def test_two_engines_with_different_models_coexist():
     assert outs_tiny[b] == Engine("tiny", device="cpu").generate([PROMPTS[0]], GREEDY)[0]
     assert outs_small[a] == Engine(small.config, device="cpu", seed=1).generate([PROMPTS[0]], GREEDY)[0]
     assert outs_small[a] != outs_tiny[b]
+
+
+def test_decode_inside_a_modality_span_reads_only_its_head_rows():
+    engine = Engine("tiny", device="cpu")
+    end = engine.vocab.end_token("speech")
+    prompts = [[1, 5, engine.vocab.start_token("speech")], [1, 6, 7, engine.vocab.start_token("speech")]]
+    params = SamplingParams(temperature=1.5, seed=3, max_new_tokens=10, stop_token_ids=())
+    out = engine.generate(prompts, params)
+    # Decode step j runs both rows' token j - 1: the speech rows only while both spans are open.
+    expected = 0
+    for j in range(1, 10):
+        both_open = all(end not in row[:j] for row in out)
+        expected += 2 * (1026 if both_open else 53516)
+    assert engine.head_rows_read == expected
+    assert expected < 2 * 9 * 53516

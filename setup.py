@@ -90,7 +90,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "transformers>=4.40"],
+        # Also, with --no-deps (their torchaudio pins break a CPU torch): speechtokenizer==1.0.1
+        # encodec==0.1.1, whose quantizers the RVQ tests compare against (README's Quick start).
+        "test": ["pytest", "hypothesis", "transformers>=4.40", "einops"],
         "hf": ["transformers>=4.40"],
         "gpu": ["nvidia-ml-py"],
     },

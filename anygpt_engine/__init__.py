@@ -2,8 +2,9 @@
 
 from anygpt_engine.config import ModelConfig
 from anygpt_engine.engine import Engine
+from anygpt_engine.models.soundstorm import SoundStorm, SoundStormConfig
 from anygpt_engine.sampling import SamplingParams
 from anygpt_engine.vocab import Vocabulary
 
 __version__ = "0.1.0"
-__all__ = ["Engine", "ModelConfig", "SamplingParams", "Vocabulary", "__version__"]
+__all__ = ["Engine", "ModelConfig", "SamplingParams", "SoundStorm", "SoundStormConfig", "Vocabulary", "__version__"]

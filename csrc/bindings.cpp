@@ -60,4 +60,103 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("out"), py::arg("residual"), py::arg("x"), py::arg("weight"), py::arg("rows"), py::arg("hidden"),
         py::arg("x_row_stride"), py::arg("eps"), py::arg("dtype"), py::arg("threads_per_row"), py::arg("stream"));
+
+  m.def("maskgit_step_cuda",
+        [](std::uintptr_t codes, std::uintptr_t open_mask, std::uintptr_t confidence, std::uintptr_t done,
+           std::uintptr_t logits, int logits_dtype, std::uintptr_t uniform, std::uintptr_t lengths,
+           std::uintptr_t prompt_lengths, std::uintptr_t counts, std::uintptr_t seeds, int64_t batch, int64_t frames,
+           int64_t levels, int64_t codebook_size, int64_t keep, int64_t level, int64_t counter, float divisor,
+           bool greedy, int threads, int rows_per_warp, std::uintptr_t stream) {
+          raise_on_error(anygpt_maskgit_step_cuda(
+              static_cast<int64_t*>(as_pointer(codes)), static_cast<uint8_t*>(as_pointer(open_mask)),
+              static_cast<float*>(as_pointer(confidence)), static_cast<int32_t*>(as_pointer(done)),
+              as_pointer(logits), static_cast<anygpt_dtype>(logits_dtype),
+              static_cast<const float*>(as_pointer(uniform)), static_cast<const int64_t*>(as_pointer(lengths)),
+              static_cast<const int64_t*>(as_pointer(prompt_lengths)), static_cast<const int64_t*>(as_pointer(counts)),
+              static_cast<const int64_t*>(as_pointer(seeds)), batch, frames, levels, codebook_size, keep, level,
+              counter, divisor, greedy ? 1 : 0, threads, rows_per_warp, as_pointer(stream)));
+        },
+        py::arg("codes"), py::arg("open_mask"), py::arg("confidence"), py::arg("done"), py::arg("logits"),
+        py::arg("logits_dtype"), py::arg("uniform"), py::arg("lengths"), py::arg("prompt_lengths"), py::arg("counts"),
+        py::arg("seeds"), py::arg("batch"), py::arg("frames"), py::arg("levels"), py::arg("codebook_size"),
+        py::arg("keep"), py::arg("level"), py::arg("counter"), py::arg("divisor"), py::arg("greedy"),
+        py::arg("threads"), py::arg("rows_per_warp"), py::arg("stream"));
+
+  m.def("rvq_workspace_bytes",
+        [](int64_t levels, int64_t size, int64_t dim) {
+          int64_t bytes = 0;
+          raise_on_error(anygpt_rvq_workspace_bytes(levels, size, dim, &bytes));
+          return bytes;
+        },
+        py::arg("levels"), py::arg("size"), py::arg("dim"));
+
+  m.def("rvq_prepare_cuda",
+        [](std::uintptr_t workspace, int64_t workspace_bytes, std::uintptr_t codebooks, int64_t levels, int64_t size,
+           int64_t dim, std::uintptr_t stream) {
+          raise_on_error(anygpt_rvq_prepare_cuda(as_pointer(workspace), workspace_bytes,
+                                                 static_cast<const float*>(as_pointer(codebooks)), levels, size, dim,
+                                                 as_pointer(stream)));
+        },
+        py::arg("workspace"), py::arg("workspace_bytes"), py::arg("codebooks"), py::arg("levels"), py::arg("size"),
+        py::arg("dim"), py::arg("stream"));
+
+  m.def("rvq_encode_cuda",
+        [](std::uintptr_t codes, std::uintptr_t residual, std::uintptr_t quantized, std::uintptr_t x,
+           int64_t x_row_stride, int x_dtype, std::uintptr_t codebooks, std::uintptr_t workspace,
+           int64_t workspace_bytes, int64_t rows, int64_t dim, int64_t levels, int64_t size, std::uintptr_t stream) {
+          raise_on_error(anygpt_rvq_encode_cuda(
+              static_cast<int64_t*>(as_pointer(codes)), static_cast<float*>(as_pointer(residual)),
+              static_cast<float*>(as_pointer(quantized)), as_pointer(x), x_row_stride,
+              static_cast<anygpt_dtype>(x_dtype), static_cast<const float*>(as_pointer(codebooks)),
+              as_pointer(workspace), workspace_bytes, rows, dim, levels, size, as_pointer(stream)));
+        },
+        py::arg("codes"), py::arg("residual"), py::arg("quantized"), py::arg("x"), py::arg("x_row_stride"),
+        py::arg("x_dtype"), py::arg("codebooks"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("rows"),
+        py::arg("dim"), py::arg("levels"), py::arg("size"), py::arg("stream"));
+
+  m.def("rvq_decode_cuda",
+        [](std::uintptr_t out, std::uintptr_t codes, std::uintptr_t codebooks, int64_t rows, int64_t dim,
+           int64_t levels, int64_t first_level, int64_t total_levels, int64_t size, std::uintptr_t stream) {
+          raise_on_error(anygpt_rvq_decode_cuda(static_cast<float*>(as_pointer(out)),
+                                                static_cast<const int64_t*>(as_pointer(codes)),
+                                                static_cast<const float*>(as_pointer(codebooks)), rows, dim, levels,
+                                                first_level, total_levels, size, as_pointer(stream)));
+        },
+        py::arg("out"), py::arg("codes"), py::arg("codebooks"), py::arg("rows"), py::arg("dim"), py::arg("levels"),
+        py::arg("first_level"), py::arg("total_levels"), py::arg("size"), py::arg("stream"));
+
+  m.def("paged_decode_attention_cuda",
+        [](std::uintptr_t out, std::uintptr_t q, std::uintptr_t k_cache, std::uintptr_t v_cache,
+           std::uintptr_t block_tables, std::uintptr_t seq_lens, std::uintptr_t workspace_out,
+           std::uintptr_t workspace_lse, int64_t batch, int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+           int64_t block_size, int64_t max_blocks, int64_t block_table_stride, int64_t num_splits, float scale,
+           int dtype, int threads, std::uintptr_t stream) {
+          raise_on_error(anygpt_paged_decode_attention_cuda(
+              as_pointer(out), as_pointer(q), as_pointer(k_cache), as_pointer(v_cache),
+              static_cast<const int64_t*>(as_pointer(block_tables)), static_cast<const int64_t*>(as_pointer(seq_lens)),
+              static_cast<float*>(as_pointer(workspace_out)), static_cast<float*>(as_pointer(workspace_lse)), batch,
+              num_q_heads, num_kv_heads, head_dim, block_size, max_blocks, block_table_stride, num_splits, scale,
+              static_cast<anygpt_dtype>(dtype), threads, as_pointer(stream)));
+        },
+        py::arg("out"), py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"),
+        py::arg("seq_lens"), py::arg("workspace_out"), py::arg("workspace_lse"), py::arg("batch"),
+        py::arg("num_q_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("block_size"),
+        py::arg("max_blocks"), py::arg("block_table_stride"), py::arg("num_splits"), py::arg("scale"),
+        py::arg("dtype"), py::arg("threads"), py::arg("stream"));
+
+  m.def("rope_kv_append_cuda",
+        [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t positions, std::uintptr_t slot_mapping,
+           std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t inv_freq, int64_t num_tokens,
+           int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t q_token_stride,
+           int64_t k_token_stride, int64_t v_token_stride, int dtype, std::uintptr_t stream) {
+          raise_on_error(anygpt_rope_kv_append_cuda(
+              as_pointer(q), as_pointer(k), as_pointer(v), static_cast<const int64_t*>(as_pointer(positions)),
+              static_cast<const int64_t*>(as_pointer(slot_mapping)), as_pointer(k_cache), as_pointer(v_cache),
+              static_cast<const float*>(as_pointer(inv_freq)), num_tokens, num_q_heads, num_kv_heads, head_dim,
+              q_token_stride, k_token_stride, v_token_stride, static_cast<anygpt_dtype>(dtype), as_pointer(stream)));
+        },
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("positions"), py::arg("slot_mapping"), py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("inv_freq"), py::arg("num_tokens"), py::arg("num_q_heads"),
+        py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("q_token_stride"), py::arg("k_token_stride"),
+        py::arg("v_token_stride"), py::arg("dtype"), py::arg("stream"));
 }

@@ -64,4 +64,27 @@ extern "C" anygpt_status anygpt_rms_norm_cuda(void*, void*, const void*, const v
                                               float, anygpt_dtype, int, void*) {
   return anygpt::fail(ANYGPT_ERROR_NO_CUDA, "rms_norm: anygpt_engine was built without CUDA kernels (no nvcc at build time)");
 }
+
+extern "C" anygpt_status anygpt_maskgit_step_cuda(int64_t*, uint8_t*, float*, int32_t*, const void*, anygpt_dtype,
+                                                  const float*, const int64_t*, const int64_t*, const int64_t*,
+                                                  const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                                  int64_t, float, int, int, int, void*) {
+  return anygpt::fail(ANYGPT_ERROR_NO_CUDA,
+                      "maskgit_step: anygpt_engine was built without CUDA kernels (no nvcc at build time)");
+}
+
+extern "C" anygpt_status anygpt_paged_decode_attention_cuda(void*, const void*, const void*, const void*,
+                                                            const int64_t*, const int64_t*, float*, float*, int64_t,
+                                                            int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                                            int64_t, float, anygpt_dtype, int, void*) {
+  return anygpt::fail(ANYGPT_ERROR_NO_CUDA,
+                      "paged_decode_attention: anygpt_engine was built without CUDA kernels (no nvcc at build time)");
+}
+
+extern "C" anygpt_status anygpt_rope_kv_append_cuda(void*, const void*, const void*, const int64_t*, const int64_t*,
+                                                    void*, void*, const float*, int64_t, int64_t, int64_t, int64_t,
+                                                    int64_t, int64_t, int64_t, anygpt_dtype, void*) {
+  return anygpt::fail(ANYGPT_ERROR_NO_CUDA,
+                      "rope_kv_append: anygpt_engine was built without CUDA kernels (no nvcc at build time)");
+}
 #endif

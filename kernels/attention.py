@@ -98,7 +98,8 @@ def _key_offsets(keys, seq, kv_head, k_start, block_tables_ptr, bt_stride, num_k
 def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr, cu_k_ptr, block_tables_ptr,
                              q_stride, out_stride, kv_token_stride, bt_stride, num_q_heads, num_kv_heads, scale,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
+                             CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+                             PADDED_KEYS: tl.constexpr):
     tile = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     head = tl.program_id(2)
@@ -112,7 +113,10 @@ def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr,
         k_start = 0
     else:
         k_start = tl.load(cu_k_ptr + seq).to(tl.int64)
-        kv_len = tl.load(cu_k_ptr + seq + 1) - k_start
+        if PADDED_KEYS:  # runs of a padded batch: keys past kv_lens[seq] are padding
+            kv_len = tl.load(kv_len_ptr + seq)
+        else:
+            kv_len = tl.load(cu_k_ptr + seq + 1) - k_start
 
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < q_len
@@ -155,7 +159,8 @@ def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr,
 def varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, *, kv_lens=None, block_tables=None,
                      cu_seqlens_k=None, block_m=64, block_n=64, num_warps=4, num_stages=2):
     """q, out [Tq, Hq, D]. Paged: k, v are caches [blocks, page, Hkv, D] with kv_lens [B] and
-    block_tables [B, nb]. Contiguous: k, v [Tk, Hkv, D] packed by cu_seqlens_k [B + 1]."""
+    block_tables [B, nb]. Contiguous: k, v [Tk, Hkv, D] packed by cu_seqlens_k [B + 1], each run
+    holding kv_lens[b] valid keys when kv_lens is given (key padding), else all of them."""
     batch = cu_seqlens_q.shape[0] - 1
     _, num_q_heads, head_dim = q.shape
     paged = block_tables is not None
@@ -164,12 +169,13 @@ def varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, *, kv
         return
     grid = (triton.cdiv(max_q_len, block_m), batch, num_q_heads)
     _varlen_attention_kernel[grid](
-        out, q, k, v, cu_seqlens_q, kv_lens if paged else cu_seqlens_q,
+        out, q, k, v, cu_seqlens_q, kv_lens if kv_lens is not None else cu_seqlens_q,
         cu_seqlens_k if not paged else cu_seqlens_q, block_tables if paged else cu_seqlens_q,
         q.stride(0), out.stride(0), 0 if paged else k.stride(0), block_tables.stride(0) if paged else 0,
         num_q_heads, num_kv_heads, scale,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, PAGED=paged,
-        PAGE=k.shape[1] if paged else 1, num_warps=num_warps, num_stages=num_stages)
+        PAGE=k.shape[1] if paged else 1, PADDED_KEYS=not paged and kv_lens is not None, num_warps=num_warps,
+        num_stages=num_stages)
 
 
 @triton.jit

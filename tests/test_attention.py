@@ -120,6 +120,22 @@ def test_varlen_bidirectional_with_key_padding(dtype, head_dim):
                     _same_precision(q[rows], k[rows], v[rows], False), dtype)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_varlen_padded_batch_key_padding(backend):
+    """A padded batch [B, N]: every frame attends to its own item's first lengths[b] frames."""
+    g = torch.Generator().manual_seed(5)
+    b, n, lengths = 3, 40, [40, 17, 1]
+    q, k, v = (_rand((b * n, 2, 64), torch.float32, g) for _ in range(3))
+    cu = torch.arange(0, (b + 1) * n, n, device=DEV)
+    out = A.varlen_attention(q, k, v, cu, n, causal=False, cu_seqlens_k=cu,
+                             kv_lens=torch.tensor(lengths, device=DEV), backend=backend)
+    for i, length in enumerate(lengths):
+        rows = slice(i * n, (i + 1) * n)
+        keys = slice(i * n, i * n + length)
+        _check_rule(out[rows], _attend64(q[rows], k[keys], v[keys], False),
+                    _same_precision(q[rows], k[keys], v[keys], False), torch.float32)
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_varlen_reference_matches_oracle(dtype):
     g = torch.Generator().manual_seed(3)

@@ -145,7 +145,10 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, causal, scale, kv_lens=Non
     out = torch.zeros_like(q)
     starts = cu_seqlens_q.tolist()
     paged = block_tables is not None
-    lengths = kv_lens.tolist() if paged else [b - a for a, b in zip(cu_seqlens_k.tolist(), cu_seqlens_k.tolist()[1:])]
+    if kv_lens is not None:
+        lengths = kv_lens.tolist()
+    else:
+        lengths = [b - a for a, b in zip(cu_seqlens_k.tolist(), cu_seqlens_k.tolist()[1:])]
     k_starts = None if paged else cu_seqlens_k.tolist()
     for b in range(len(starts) - 1):
         q_len, kv_len = starts[b + 1] - starts[b], lengths[b]
@@ -174,7 +177,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, max_q_len: int, *, causal: bool = Tr
                      backend: str | None = None) -> torch.Tensor:
     """Attention of packed queries q [Tq, Hq, D] (runs given by cu_seqlens_q [B + 1], int64,
     longest `max_q_len`) over paged K/V (k, v caches with kv_lens [B] and block_tables [B, nb])
-    or packed K/V (k, v [Tk, Hkv, D] with cu_seqlens_k [B + 1]). Returns out [Tq, Hq, D]."""
+    or packed K/V (k, v [Tk, Hkv, D] with cu_seqlens_k [B + 1]; with kv_lens too, run b's keys
+    past kv_lens[b] are padding, as in a padded batch). Returns out [Tq, Hq, D]."""
     _tensor("q", q, 3, _FLOAT_TYPES)
     _heads_view("q", q)
     tokens, num_q_heads, head_dim = q.shape
@@ -196,6 +200,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, max_q_len: int, *, causal: bool = Tr
                              "contiguous rows")
     else:
         _index("cu_seqlens_k", cu_seqlens_k, batch + 1, q.device)
+        if kv_lens is not None:
+            _index("kv_lens", kv_lens, batch, q.device)
         for name, t in (("k", k), ("v", v)):
             _tensor(name, t, 3, (q.dtype,), q.device)
             _heads_view(name, t)

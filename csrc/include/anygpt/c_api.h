@@ -46,6 +46,84 @@ anygpt_status anygpt_rms_norm_cuda(void* out, void* residual, const void* x, con
                                    int64_t rows, int64_t hidden, int64_t x_row_stride, float eps,
                                    anygpt_dtype dtype, int threads_per_row, void* stream);
 
+// One MaskGIT step of SoundStorm's parallel decoding (contract: anygpt_engine/ops/maskgit.py), on a
+// CUDA stream, in one launch with no host sync. codes [B, frames, levels] int64 and open_mask (bool
+// bytes, same shape) are updated in place; logits [B, frames*levels, codebook_size] of
+// `logits_dtype`; lengths, prompt_lengths, counts, seeds [B] int64; uniform [B, frames*levels,
+// codebook_size] float32 or null for the counter-based hash. confidence [B, frames*levels] float32
+// is scratch; done [B] int32 must be zero on entry. divisor = max(temperature, 1e-10);
+// codebook_size <= 1024; `threads` (a multiple of 32) and `rows_per_warp` come from the tuning table.
+anygpt_status anygpt_maskgit_step_cuda(int64_t* codes, uint8_t* open_mask, float* confidence, int32_t* done,
+                                       const void* logits, anygpt_dtype logits_dtype, const float* uniform,
+                                       const int64_t* lengths, const int64_t* prompt_lengths, const int64_t* counts,
+                                       const int64_t* seeds, int64_t batch, int64_t frames, int64_t levels,
+                                       int64_t codebook_size, int64_t keep, int64_t level, int64_t counter,
+                                       float divisor, int greedy, int threads, int rows_per_warp, void* stream);
+
+// ---- Residual vector quantization (contract and margin: anygpt_engine/ops/rvq.py) ----
+// Codebooks are float32 [levels, size, dim], contiguous, levels * size * dim < 2^31.
+
+// Bytes of the workspace that anygpt_rvq_prepare_cuda fills for those codebooks.
+anygpt_status anygpt_rvq_workspace_bytes(int64_t levels, int64_t size, int64_t dim, int64_t* bytes);
+
+// Fills `workspace` (device memory, 256-byte aligned) from the codebooks: their bf16 copy, norms
+// and per-level bounds for the candidate margin. Redo it after the codebooks change.
+anygpt_status anygpt_rvq_prepare_cuda(void* workspace, int64_t workspace_bytes, const float* codebooks,
+                                      int64_t levels, int64_t size, int64_t dim, void* stream);
+
+// Encodes `rows` frames: codes [levels, rows] int64 (argmin of the exact score, ties to the
+// lowest index), residual [rows, dim] float32 (the final residual), quantized [rows, dim] float32
+// (sum of the chosen codewords in level order from 0.0) or null. x rows are `x_row_stride`
+// elements apart, float32/float16/bfloat16; dim <= 1024; rows >= 1. Workspace from prepare.
+anygpt_status anygpt_rvq_encode_cuda(int64_t* codes, float* residual, float* quantized, const void* x,
+                                     int64_t x_row_stride, anygpt_dtype x_dtype, const float* codebooks,
+                                     const void* workspace, int64_t workspace_bytes, int64_t rows, int64_t dim,
+                                     int64_t levels, int64_t size, void* stream);
+
+// out [rows, dim] float32 = sum over l < levels of codebooks[first_level + l][codes[l][row]], added
+// in level order from 0.0. codes [levels, rows] int64; total_levels is the codebooks' level count.
+// A code outside [0, size) makes its row NaN (the kernel never reads out of bounds).
+anygpt_status anygpt_rvq_decode_cuda(float* out, const int64_t* codes, const float* codebooks, int64_t rows,
+                                     int64_t dim, int64_t levels, int64_t first_level, int64_t total_levels,
+                                     int64_t size, void* stream);
+
+// ---- Attention: paged decode and fused RoPE + KV append (kernel notes: attention_decode.cuh, rope_kv_append.cuh) ----
+// Paged KV layout (per layer): k_cache and v_cache each contiguous [num_blocks, block_size, num_kv_heads, head_dim]
+// (the halves of one [2, num_blocks, block_size, Hkv, D] tensor); token t of sequence b lives in block
+// block_tables[b][t / block_size] at offset t % block_size; flat cache slot = block * block_size + offset.
+
+// One query token per sequence attending over its first seq_lens[b] cached tokens (flash-decoding).
+// q, out contiguous [batch, num_q_heads, head_dim] of `dtype` (float32/float16/bfloat16, shared with the caches);
+// block_tables [batch, block_table_stride] and seq_lens [batch] int64; num_q_heads % num_kv_heads == 0.
+// Split s of a sequence covers blocks [s*c, (s+1)*c), c = ceil(ceil(seq_len / block_size) / num_splits);
+// with num_splits > 1 the partials go to workspace_out [batch, num_q_heads, num_splits, head_dim] float32 and
+// workspace_lse [batch, num_q_heads, num_splits] float32 (natural-log sum-exp of the scaled scores, -inf for an
+// empty split), then a second kernel combines them into out; with num_splits == 1 both may be null.
+// Scores = scale * q.k, softmax and accumulation in float32; out rounded once; seq_lens[b] == 0 gives zeros.
+// head_dim 64 or 128; block_size 8, 16, 32 or 64; threads (CTA size) 32, 64, 128 or 256; q and the caches
+// 16-byte aligned. seq_lens are clamped to [0, max_blocks * block_size] on the device: callers check them.
+anygpt_status anygpt_paged_decode_attention_cuda(void* out, const void* q, const void* k_cache, const void* v_cache,
+                                                 const int64_t* block_tables, const int64_t* seq_lens,
+                                                 float* workspace_out, float* workspace_lse, int64_t batch,
+                                                 int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim,
+                                                 int64_t block_size, int64_t max_blocks, int64_t block_table_stride,
+                                                 int64_t num_splits, float scale, anygpt_dtype dtype, int threads,
+                                                 void* stream);
+
+// For each token i < num_tokens at position positions[i] (int64): rotate q[i] (all q heads, in place) and k[i]
+// (all kv heads) with rotate-half RoPE, f = (float)positions[i] * inv_freq[j], c = cosf(f), s = sinf(f),
+// y[j] = x1*c - x2*s, y[j+half] = x2*c + x1*s in float32 rounded once to dtype; then write the rotated k[i] and
+// the unrotated v[i] to slot slot_mapping[i] (int64; < 0 skips the writes) of k_cache / v_cache
+// ([slots, num_kv_heads, head_dim]). Element (i, h, d) of q is at q + i*q_token_stride + h*head_dim + d; same
+// for k and v with their strides (column slices of a fused qkv projection work). inv_freq float32
+// [head_dim / 2]; head_dim even, <= 256.
+anygpt_status anygpt_rope_kv_append_cuda(void* q, const void* k, const void* v, const int64_t* positions,
+                                         const int64_t* slot_mapping, void* k_cache, void* v_cache,
+                                         const float* inv_freq, int64_t num_tokens, int64_t num_q_heads,
+                                         int64_t num_kv_heads, int64_t head_dim, int64_t q_token_stride,
+                                         int64_t k_token_stride, int64_t v_token_stride, anygpt_dtype dtype,
+                                         void* stream);
+
 #ifdef __cplusplus
 }
 #endif

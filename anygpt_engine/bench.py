@@ -31,11 +31,40 @@ def _sync(device: torch.device) -> None:
 
 
 def git_sha() -> str:
+    """Short sha of the checkout, with "+dirty" when tracked files have uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
-                              capture_output=True, text=True, timeout=5).stdout.strip() or "unknown"
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds: CUDA events around each call when a GPU is present
+    (kernel time, no host gaps), else perf_counter. Shared by the benchmarks/ scripts."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - begin)
+    return statistics.median(samples)
 
 
 def copy_bandwidth(device: torch.device) -> float:

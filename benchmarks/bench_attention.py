@@ -10,27 +10,16 @@ TB/s = K/V bytes read / time; the peer is SDPA over the same K/V stored contiguo
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-from anygpt_engine.bench import git_sha
+from anygpt_engine.bench import git_sha, median_seconds
 from anygpt_engine.ops import attention as A
 
 
-def _time(fn, repeats=20):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+def _time(fn):
+    return median_seconds(fn, repeats=20)
 
 
 def _paged_copy(k, block_size):

@@ -8,36 +8,13 @@ reference, the GPU name and the git sha. On a CPU it times the C++ twin against 
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 from anygpt_engine import ops
-from anygpt_engine.bench import git_sha
+from anygpt_engine.bench import git_sha, median_seconds
 
 SHAPES = [(1, 4096), (16, 4096), (128, 4096), (4096, 4096), (16384, 4096)]
-
-
-def _time(fn, device, repeats):
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main():
@@ -67,9 +44,9 @@ def main():
             def run(face):
                 return lambda: ops.rms_norm(x, w, 1e-5, residual=residual if fused else None, out=out, backend=face)
 
-            reference = _time(run("torch"), device, repeats)
+            reference = median_seconds(run("torch"), repeats)
             for face in faces:
-                t = _time(run(face), device, repeats)
+                t = median_seconds(run(face), repeats)
                 row = dict(shape=list(shape), fused=fused, face=face, median_s=t, gb_s=moved / t / 1e9,
                            speedup_vs_torch=reference / t, gpu=name, git_sha=git_sha(), dtype=args.dtype)
                 rows.append(row)

@@ -17,10 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,6 +26,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs
 
 from anygpt_engine import ops  # noqa: E402
+from anygpt_engine.bench import git_sha, median_seconds  # noqa: E402
 from anygpt_engine.ops import backend as ops_backend  # noqa: E402
 
 SHAPES = {"speechtokenizer 8x1024x1024": (8, 1024, 1024), "encodec 4x2048x128": (4, 2048, 128),
@@ -55,37 +53,9 @@ def torch_loop_decode(codes: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def timed(fn, reps: int, warmup: int = 2) -> float:
-    """Median milliseconds of fn() over reps runs."""
-    for _ in range(warmup):
-        fn()
-    cuda = torch.cuda.is_available()
-    samples = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
-
-
-def git_sha() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def timed(fn, reps: int) -> float:
+    """Median milliseconds of fn() over reps runs (after two warm-up calls)."""
+    return median_seconds(fn, reps, warmup=2) * 1e3
 
 
 def faces(device: torch.device, requested: list[str] | None) -> list[str]:

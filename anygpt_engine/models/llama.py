@@ -74,11 +74,13 @@ class Llama(nn.Module):
 
     # -- pieces --------------------------------------------------------------------------------
     def attention(self, block: Block, h: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
-                  slot_mapping: torch.Tensor, block_tables: torch.Tensor) -> torch.Tensor:
+                  slot_mapping: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor,
+                  cu_seqlens_q: torch.Tensor | None) -> torch.Tensor:
         """h [B, S, H] at `positions` [B, S]. Rotates q and k, writes each token's k/v to its
         cache slot (`slot_mapping` [B, S]) in `kv` [2, blocks, block_size, Hkv, D], then attends
-        causally over each row's blocks (`block_tables` [B, nb]). S == 1 is a decode step (one
-        token per row); S > 1 is a prefill chunk of one sequence (B == 1)."""
+        causally over each row's first kv_lens[b] cached tokens (`block_tables` [B, nb]). S == 1
+        is a decode step (one token per row); S > 1 is a prefill chunk of one sequence (B == 1,
+        its query run given by cu_seqlens_q)."""
         c = self.config
         b, s, _ = h.shape
         qkv = F.linear(h, block.wqkv).view(b * s, -1)
@@ -87,13 +89,11 @@ class Llama(nn.Module):
         v = qkv[:, c.q_size + c.kv_size:].view(b * s, c.num_kv_heads, c.head_dim)
         attention.rope_kv_append(q, k, v, positions.reshape(-1), slot_mapping.reshape(-1), kv[0], kv[1],
                                  self.inv_freq)
-        if s == 1:
-            out = attention.paged_decode_attention(q, kv[0], kv[1], block_tables, positions.view(b) + 1)
+        if cu_seqlens_q is None:
+            out = attention.paged_decode_attention(q, kv[0], kv[1], block_tables, kv_lens)
         else:
-            if b != 1:
-                raise ValueError(f"a prefill chunk is one sequence, got a batch of {b}")
-            out = attention.varlen_attention(q, kv[0], kv[1], torch.tensor([0, s], device=h.device), s, causal=True,
-                                             kv_lens=positions[:, -1] + 1, block_tables=block_tables)
+            out = attention.varlen_attention(q, kv[0], kv[1], cu_seqlens_q, s, causal=True, kv_lens=kv_lens,
+                                             block_tables=block_tables)
         return F.linear(out.view(b, s, c.q_size), block.wo)
 
     @staticmethod
@@ -108,13 +108,21 @@ class Llama(nn.Module):
         `kv_layers` (one tensor per layer) read and written in place. final_norm=False returns
         them before the final RMSNorm, for `head`, which fuses it."""
         c = self.config
+        b, s = tokens.shape
+        kv_lens = positions[:, -1] + 1  # each row's context after this step (shared by every layer)
+        cu_seqlens_q = None
+        if s > 1:
+            if b != 1:
+                raise ValueError(f"a prefill chunk is one sequence, got a batch of {b}")
+            cu_seqlens_q = torch.tensor([0, s], device=tokens.device)
         with nvtx_range("anygpt/op/embedding"):
             residual = F.embedding(tokens, self.tok_embeddings)
         with nvtx_range("anygpt/op/rms_norm"):
             h = ops.rms_norm(residual, self.layers[0].attention_norm, c.rms_norm_eps)
         for i, block in enumerate(self.layers):
             with nvtx_range("anygpt/op/attention"):
-                attn = self.attention(block, h, positions, kv_layers[i], slot_mapping, block_tables)
+                attn = self.attention(block, h, positions, kv_layers[i], slot_mapping, block_tables, kv_lens,
+                                      cu_seqlens_q)
             with nvtx_range("anygpt/op/rms_norm"):
                 h = ops.rms_norm(attn, block.ffn_norm, c.rms_norm_eps, residual=residual)
             with nvtx_range("anygpt/op/mlp"):

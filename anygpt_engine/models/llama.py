@@ -59,14 +59,16 @@ class Llama(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> None:
-        """Deterministic random weights (HF's init: N(0, std) matrices, unit norms)."""
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        """Random weights, deterministic per seed and device (HF's init: N(0, std) matrices, unit
+        norms). Drawn where the parameters live: 7B of them on a CPU would take a minute."""
+        device = self.tok_embeddings.device
+        generator = torch.Generator(device=device).manual_seed(seed)
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if name.endswith("norm"):
                     p.fill_(1.0)
                 else:
-                    p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32) * std)
+                    p.normal_(0.0, std, generator=generator)
 
     @property
     def lm_head(self) -> torch.Tensor:

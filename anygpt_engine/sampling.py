@@ -274,16 +274,10 @@ def warp_logits(logits: torch.Tensor, st: SamplingTensors, work: SamplerWork = S
 def sample(logits: torch.Tensor, slots: torch.Tensor, state: SamplingState, constraint: ModalityConstraint,
            work: SamplerWork = SamplerWork.ALL) -> torch.Tensor:
     """Next token [B] (int64) for the requests in `slots` [B] from float32 logits [B, V];
-    advances their state. Device work only: safe inside a CUDA graph."""
-    st = state.rows(slots)
-    processed = process_logits(logits, st, constraint, work)
-    if work.random:
-        noise = uniform_noise(st.seeds, st.generated, logits.shape[1])
-        gumbel = -torch.log(-torch.log(noise))
-        processed = torch.where((st.temperature == 0).unsqueeze(1), processed,
-                                warp_logits(processed, st, work) + gumbel)
-    tokens = processed.argmax(dim=1)
-    state.seen[slots, tokens] = True
-    state.open_modality[slots] = constraint.advance(st.open_modality, tokens)
-    state.generated[slots] = st.generated + 1
-    return tokens
+    advances their state. Device work only: safe inside a CUDA graph.
+
+    Dispatches to ops.sample_tokens (fused kernels on a GPU; on a CPU the torch reference,
+    ops.sampling.sample_tokens_reference, which is this module's processors and warpers)."""
+    from anygpt_engine.ops.sampling import sample_tokens  # here: ops.sampling imports this module
+
+    return sample_tokens(logits, slots, state, constraint, work)

@@ -159,4 +159,32 @@ PYBIND11_MODULE(_C, m) {
         py::arg("v_cache"), py::arg("inv_freq"), py::arg("num_tokens"), py::arg("num_q_heads"),
         py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("q_token_stride"), py::arg("k_token_stride"),
         py::arg("v_token_stride"), py::arg("dtype"), py::arg("stream"));
+
+  m.def("sample_tokens_cuda",
+        [](std::uintptr_t logits, int64_t logits_row_stride, std::uintptr_t slots, std::uintptr_t out,
+           std::uintptr_t scratch, std::uintptr_t temperature, std::uintptr_t top_k, std::uintptr_t top_p,
+           std::uintptr_t repetition_penalty, std::uintptr_t min_new_tokens, std::uintptr_t seeds,
+           std::uintptr_t generated, std::uintptr_t open_modality, std::uintptr_t stop_mask, std::uintptr_t seen,
+           std::uintptr_t allowed, std::uintptr_t opens, std::uintptr_t closes, int64_t batch, int64_t vocab,
+           int64_t num_slots, int64_t num_states, bool random, bool use_top_k, bool use_top_p, bool use_penalty,
+           int threads, std::uintptr_t stream) {
+          raise_on_error(anygpt_sample_tokens_cuda(
+              static_cast<const float*>(as_pointer(logits)), logits_row_stride,
+              static_cast<const int64_t*>(as_pointer(slots)), static_cast<int64_t*>(as_pointer(out)),
+              static_cast<float*>(as_pointer(scratch)), static_cast<const float*>(as_pointer(temperature)),
+              static_cast<const int64_t*>(as_pointer(top_k)), static_cast<const float*>(as_pointer(top_p)),
+              static_cast<const float*>(as_pointer(repetition_penalty)),
+              static_cast<const int64_t*>(as_pointer(min_new_tokens)), static_cast<const int64_t*>(as_pointer(seeds)),
+              static_cast<int64_t*>(as_pointer(generated)), static_cast<int64_t*>(as_pointer(open_modality)),
+              static_cast<const uint8_t*>(as_pointer(stop_mask)), static_cast<uint8_t*>(as_pointer(seen)),
+              static_cast<const uint8_t*>(as_pointer(allowed)), static_cast<const int64_t*>(as_pointer(opens)),
+              static_cast<const int64_t*>(as_pointer(closes)), batch, vocab, num_slots, num_states, random ? 1 : 0,
+              use_top_k ? 1 : 0, use_top_p ? 1 : 0, use_penalty ? 1 : 0, threads, as_pointer(stream)));
+        },
+        py::arg("logits"), py::arg("logits_row_stride"), py::arg("slots"), py::arg("out"), py::arg("scratch"),
+        py::arg("temperature"), py::arg("top_k"), py::arg("top_p"), py::arg("repetition_penalty"),
+        py::arg("min_new_tokens"), py::arg("seeds"), py::arg("generated"), py::arg("open_modality"),
+        py::arg("stop_mask"), py::arg("seen"), py::arg("allowed"), py::arg("opens"), py::arg("closes"),
+        py::arg("batch"), py::arg("vocab"), py::arg("num_slots"), py::arg("num_states"), py::arg("random"),
+        py::arg("use_top_k"), py::arg("use_top_p"), py::arg("use_penalty"), py::arg("threads"), py::arg("stream"));
 }

@@ -87,4 +87,14 @@ extern "C" anygpt_status anygpt_rope_kv_append_cuda(void*, const void*, const vo
   return anygpt::fail(ANYGPT_ERROR_NO_CUDA,
                       "rope_kv_append: anygpt_engine was built without CUDA kernels (no nvcc at build time)");
 }
+
+extern "C" anygpt_status anygpt_sample_tokens_cuda(const float*, int64_t, const int64_t*, int64_t*, float*,
+                                                   const float*, const int64_t*, const float*, const float*,
+                                                   const int64_t*, const int64_t*, int64_t*, int64_t*,
+                                                   const uint8_t*, uint8_t*, const uint8_t*, const int64_t*,
+                                                   const int64_t*, int64_t, int64_t, int64_t, int64_t, int, int, int,
+                                                   int, int, void*) {
+  return anygpt::fail(ANYGPT_ERROR_NO_CUDA,
+                      "sample_tokens: anygpt_engine was built without CUDA kernels (no nvcc at build time)");
+}
 #endif

@@ -124,6 +124,26 @@ anygpt_status anygpt_rope_kv_append_cuda(void* q, const void* k, const void* v, 
                                          int64_t k_token_stride, int64_t v_token_stride, anygpt_dtype dtype,
                                          void* stream);
 
+// Fused sampling (contract: anygpt_engine/ops/sampling.py) on a CUDA stream, one launch, no host
+// sync: for each of `batch` rows, logits [batch, vocab] float32 (rows `logits_row_stride` apart)
+// -> repetition penalty, allowed-id mask, stop ids suppressed before min_new_tokens, temperature
+// (0 = greedy first argmax), top-k, top-p, Gumbel-max with the counter-based noise -> out[row];
+// then seen[slot, token] = 1, open_modality advanced, generated += 1. Per-slot parameters and
+// state ([num_slots] arrays, stop_mask/seen [num_slots, vocab] bool bytes) are indexed by
+// slots[row]; an out-of-range slot writes -1 and no state. allowed [num_states, vocab] bool bytes,
+// opens [vocab], closes [num_states] int64. scratch [batch, vocab] float32 (needed when `random`).
+// random/use_top_k/use_top_p/use_penalty switch stages off for the whole batch; `threads`
+// (256, 512 or 1024) comes from the tuning table.
+anygpt_status anygpt_sample_tokens_cuda(const float* logits, int64_t logits_row_stride, const int64_t* slots,
+                                        int64_t* out, float* scratch, const float* temperature, const int64_t* top_k,
+                                        const float* top_p, const float* repetition_penalty,
+                                        const int64_t* min_new_tokens, const int64_t* seeds, int64_t* generated,
+                                        int64_t* open_modality, const uint8_t* stop_mask, uint8_t* seen,
+                                        const uint8_t* allowed, const int64_t* opens, const int64_t* closes,
+                                        int64_t batch, int64_t vocab, int64_t num_slots, int64_t num_states,
+                                        int random, int use_top_k, int use_top_p, int use_penalty, int threads,
+                                        void* stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -86,15 +86,15 @@ class SamplingParams:
 
 
 # -- counter-based noise ---------------------------------------------------------------------
-_MASK32 = 0xFFFFFFFF
+MASK32 = 0xFFFFFFFF
 
 
-def _hash32(x: torch.Tensor) -> torch.Tensor:
+def hash32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer mixer (lowbias32) on int64 tensors; products wrap mod 2^64, and only the
     low 32 bits are kept, so the result is the same on every device."""
-    x = x & _MASK32
-    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
-    x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK32
+    x = x & MASK32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & MASK32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & MASK32
     return x ^ (x >> 16)
 
 
@@ -108,8 +108,8 @@ def unit_interval(bits: torch.Tensor) -> torch.Tensor:
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """U(0, 1) noise [B, V] keyed by (seed, step, token id): batch composition never changes it."""
     token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    key = _hash32(_hash32(seeds.unsqueeze(1) ^ 0x9E3779B9) + steps.unsqueeze(1) * 0x632BE5AB + 0x85EBCA6B)
-    return unit_interval(_hash32(key ^ _hash32(token + 0x27D4EB2F).unsqueeze(0)))
+    key = hash32(hash32(seeds.unsqueeze(1) ^ 0x9E3779B9) + steps.unsqueeze(1) * 0x632BE5AB + 0x85EBCA6B)
+    return unit_interval(hash32(key ^ hash32(token + 0x27D4EB2F).unsqueeze(0)))
 
 
 # -- per-request sampling state ----------------------------------------------------------------

@@ -13,17 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
+from anygpt_engine.kernels.common import mix32
+
 # Significant bits of a value's float32 key: the low bits of a bf16/fp16 value widened to float32
 # are zero, and need no counting pass.
 _KEY_BITS = {torch.float32: 32, torch.bfloat16: 16, torch.float16: 19}
-
-
-@triton.jit
-def _mix32(x):
-    """lowbias32 on uint32 (multiplications wrap mod 2^32); ops.maskgit._mix32 is its twin."""
-    x = (x ^ (x >> 16)) * 0x7FEB352D
-    x = (x ^ (x >> 15)) * 0x846CA68B
-    return x ^ (x >> 16)
 
 
 @triton.jit
@@ -44,8 +38,8 @@ def _maskgit_step_kernel(logits_ptr, codes_ptr, open_ptr, lengths_ptr, prompt_pt
     count = tl.load(counts_ptr + item)
     sampled = (count > 0) | (not GREEDY)
     seed = tl.load(seeds_ptr + item)
-    item_key = _mix32(_mix32((seed >> 32).to(tl.uint32) ^ 0x9E3779B9) ^ seed.to(tl.uint32))
-    pass_key = _mix32(item_key + tl.cast(counter, tl.uint32) * 0x632BE5AB + 0x85EBCA6B)
+    item_key = mix32(mix32((seed >> 32).to(tl.uint32) ^ 0x9E3779B9) ^ seed.to(tl.uint32))
+    pass_key = mix32(item_key + tl.cast(counter, tl.uint32) * 0x632BE5AB + 0x85EBCA6B)
     key_mask = tl.full((), 0xFFFFFFFF, tl.uint32) << (32 - KEY_BITS)
 
     v = tl.arange(0, BLOCK_V)
@@ -72,8 +66,8 @@ def _maskgit_step_kernel(logits_ptr, codes_ptr, open_ptr, lengths_ptr, prompt_pt
         if HAS_UNIFORM:
             u = tl.load(uniform_ptr + row * V + v, mask=v_live, other=0.5)
         else:
-            row_key = _mix32(pass_key ^ _mix32(p.to(tl.uint32) + 0x27D4EB2F))
-            bits = _mix32(row_key + v.to(tl.uint32) * 0x165667B1)
+            row_key = mix32(pass_key ^ mix32(p.to(tl.uint32) + 0x27D4EB2F))
+            bits = mix32(row_key + v.to(tl.uint32) * 0x165667B1)
             u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
         gumbel = (-tl.log(-tl.log(u.to(tl.float64) + 1e-10) + 1e-10)).to(tl.float32)
         noisy = tl.where(kept, tl.math.div_rn(x, divisor) + gumbel, -float("inf"))

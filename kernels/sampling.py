@@ -17,13 +17,7 @@ No host sync; every branch is on device values inside the program.
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _mix32(x):
-    """lowbias32 on uint32 (products wrap mod 2^32): sampling._hash32's twin."""
-    x = (x ^ (x >> 16)) * 0x7FEB352D
-    x = (x ^ (x >> 15)) * 0x846CA68B
-    return x ^ (x >> 16)
+from anygpt_engine.kernels.common import mix32
 
 
 @triton.jit
@@ -146,7 +140,7 @@ def _sample_kernel(logits_ptr, logits_stride, slots_ptr, out_ptr, scratch_ptr,
             threshold = tl.minimum(threshold, top_key)  # the row maximum is always kept
             # -- Gumbel-max over the kept set, noise keyed by (seed, generated, token id) --------
             seed = tl.load(seeds_ptr + slot)
-            row_key = _mix32(_mix32(seed.to(tl.uint32) ^ 0x9E3779B9) + generated.to(tl.uint32) * 0x632BE5AB
+            row_key = mix32(mix32(seed.to(tl.uint32) ^ 0x9E3779B9) + generated.to(tl.uint32) * 0x632BE5AB
                              + 0x85EBCA6B)  # once per row; the per-token mixes below are inlined
             best = tl.full((), -float("inf"), tl.float32)
             for start in range(0, V, BLOCK):
@@ -155,7 +149,7 @@ def _sample_kernel(logits_ptr, logits_stride, slots_ptr, out_ptr, scratch_ptr,
                 bits = s.to(tl.uint32, bitcast=True)
                 bits = tl.where(bits == 0x80000000, 0, bits)
                 key = tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
-                h = v.to(tl.uint32) + 0x27D4EB2F  # _mix32(row_key ^ _mix32(v + 0x27D4EB2F))
+                h = v.to(tl.uint32) + 0x27D4EB2F  # mix32(row_key ^ mix32(v + 0x27D4EB2F))
                 h = (h ^ (h >> 16)) * 0x7FEB352D
                 h = (h ^ (h >> 15)) * 0x846CA68B
                 h = (h ^ (h >> 16)) ^ row_key

@@ -35,11 +35,11 @@ import torch
 from anygpt_engine import tuning
 from anygpt_engine.ops import backend as _backend
 from anygpt_engine.ops._extension import cuda_stream_handle, dtype_code, extension
+from anygpt_engine.sampling import MASK32, hash32
 
 _SUPPORTED = ("torch", "triton", "cuda")
 _PREFERRED_ON_GPU = ("cuda", "triton")
 CUDA_MAX_CODEBOOK = 1024  # the CUDA kernel keeps a row in one warp's registers (32 per lane)
-_MASK32 = 0xFFFFFFFF
 
 
 def keep_count(codebook_size: int, threshold: float = 0.7) -> int:
@@ -48,25 +48,16 @@ def keep_count(codebook_size: int, threshold: float = 0.7) -> int:
 
 
 # -- the counter-based noise ------------------------------------------------------------------
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on non-negative int64 tensors; only the low 32 bits are kept, so the result is
-    the same as the kernels' uint32 arithmetic on every device."""
-    x = x & _MASK32
-    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
-    x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK32
-    return x ^ (x >> 16)
-
-
 def maskgit_uniform(seeds: torch.Tensor, counter: int, positions: int, codebook_size: int) -> torch.Tensor:
     """U(0, 1) noise [B, positions, V] (float32) keyed by (item seed, pass counter, position in
     the item, code): an item draws the same noise alone or in any batch, at any padding."""
     seeds = seeds.to(torch.int64)
-    item = _mix32(_mix32((seeds >> 32) ^ 0x9E3779B9) ^ (seeds & _MASK32))
-    pass_key = _mix32(item + counter * 0x632BE5AB + 0x85EBCA6B)
+    item = hash32(hash32((seeds >> 32) ^ 0x9E3779B9) ^ (seeds & MASK32))
+    pass_key = hash32(item + counter * 0x632BE5AB + 0x85EBCA6B)
     p = torch.arange(positions, device=seeds.device, dtype=torch.int64)
-    row = _mix32(pass_key.view(-1, 1) ^ _mix32(p + 0x27D4EB2F).view(1, -1))
+    row = hash32(pass_key.view(-1, 1) ^ hash32(p + 0x27D4EB2F).view(1, -1))
     v = torch.arange(codebook_size, device=seeds.device, dtype=torch.int64)
-    bits = _mix32(row.unsqueeze(-1) + v * 0x165667B1)
+    bits = hash32(row.unsqueeze(-1) + v * 0x165667B1)
     # 24 random bits, centred in their bucket: never 0 or 1.
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 

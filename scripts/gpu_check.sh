@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One-shot GPU check for a machine without network (the H100/H200 image in shared/ENV_NOTES.md):
-# builds the extension, runs the GPU-marked tests (and compute-sanitizer on small cases), the
-# kernel benchmarks and `anygpt-engine bench` at batch 1 and 16 with --compare hf, then writes
-# JSON plus summary.md into OUT_DIR and prints the summary last. Budget: under 6 minutes.
+# GPU check for a machine without network (the H100/H200 image in shared/ENV_NOTES.md). Each
+# mode builds the extension first, runs its steps under time limits, writes logs, JSON and
+# OUT_DIR/summary.md, and prints the summary last. Each mode fits in about 6 minutes.
 #
-#   bash scripts/gpu_check.sh OUT_DIR
+#   bash scripts/gpu_check.sh OUT_DIR          # core: engine + backbone kernels + anygpt-engine bench
+#   bash scripts/gpu_check.sh OUT_DIR kernels  # the op families' GPU tests, sanitizer and benchmarks
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUT_DIR}
+out=${1:?usage: scripts/gpu_check.sh OUT_DIR [core|kernels]}
+mode=${2:-core}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/local/cuda/bin"
@@ -20,23 +21,35 @@ step() {  # step NAME TIMEOUT_S CMD...: runs CMD with a time limit, logging to O
   [ $rc -eq 0 ] || status=1
   return $rc
 }
+pytest_gpu=(python -m pytest -q -p no:cacheprovider -m gpu)
+sanitize=(compute-sanitizer --tool memcheck --error-exitcode 1 "${pytest_gpu[@]}")
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
-  git rev-parse --short HEAD; date -u +%FT%TZ; } >"$out/machine.txt" 2>&1
+  git rev-parse --short HEAD; date -u +%FT%TZ; echo "mode $mode"; } >"$out/machine.txt" 2>&1
 
-step build 240 pip install --no-build-isolation --no-deps -e . || { cat "$out/build.log" | tail -30; exit 1; }
-step pytest_gpu 150 python -m pytest -m gpu -q -p no:cacheprovider --junitxml="$out/pytest_gpu.xml"
-# compute-sanitizer on the small CUDA cases of every kernel family.
-step sanitizer 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
-  python -m pytest -q -p no:cacheprovider -m gpu tests/test_rms_norm.py tests/test_attention.py \
-  tests/test_rvq.py tests/test_maskgit.py tests/test_sampling_kernels.py -k "small or shape1 or sanitizer"
-for bench in benchmarks/bench_*.py; do
-  name=$(basename "$bench" .py)
-  step "$name" 90 python "$bench" --json "$out/$name.json"
-done
-step bench_b1 150 anygpt-engine bench --batch-size 1 --compare hf --compare reference --no-progress \
-  --json "$out/bench_b1.json"
-step bench_b16 150 anygpt-engine bench --batch-size 16 --compare reference --no-progress --json "$out/bench_b16.json"
+step build 150 pip install --no-build-isolation --no-deps -e . || { tail -30 "$out/build.log"; exit 1; }
+case "$mode" in
+  core)
+    step pytest_core 110 "${pytest_gpu[@]}" tests/test_rms_norm.py tests/test_gpu_engine.py tests/test_gpu_runtime.py \
+      tests/test_attention.py tests/test_attention_cuda_abi.py tests/test_lm_head.py
+    step sanitize_rms_norm 30 "${sanitize[@]}" tests/test_rms_norm.py -k "cuda and shape1"
+    step sanitize_attention 45 "${sanitize[@]}" tests/test_attention_cuda_abi.py
+    step bench_b1 75 anygpt-engine bench --batch-size 1 --compare hf --no-progress --json "$out/bench_b1.json"
+    step bench_b16 60 anygpt-engine bench --batch-size 16 --compare reference --no-progress \
+      --json "$out/bench_b16.json"
+    ;;
+  kernels)
+    step pytest_kernels 120 "${pytest_gpu[@]}" tests/test_sampling_kernels.py tests/test_rvq.py tests/test_maskgit.py \
+      tests/test_soundstorm.py
+    step sanitize_maskgit 30 "${sanitize[@]}" tests/test_maskgit.py -k cuda
+    step sanitize_sampling 40 "${sanitize[@]}" tests/test_sampling_kernels.py -k "greedy_exact and cuda"
+    for bench in benchmarks/bench_*.py; do
+      name=$(basename "$bench" .py)
+      step "$name" 45 python "$bench" --json "$out/$name.json"
+    done
+    ;;
+  *) echo "unknown mode $mode (core or kernels)"; exit 2 ;;
+esac
 
 python - "$out" <<'PY'
 import json, pathlib, sys
@@ -68,8 +81,9 @@ for f in sorted(out.glob("bench_*.json")):
     lines += [json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()
                           if k not in ("gpu", "git_sha")}) for r in rows[:60]]
     lines += ["```"]
-tail = [l for l in (out / "pytest_gpu.log").read_text().splitlines() if l.strip()][-1:] if (out / "pytest_gpu.log").exists() else []
-lines += ["", "pytest -m gpu: " + (tail[0] if tail else "no output")]
+for log in sorted(out.glob("pytest_*.log")) + sorted(out.glob("sanitize_*.log")):
+    tail = [l for l in log.read_text().splitlines() if l.strip()][-1:]
+    lines += [f"{log.stem}: " + (tail[0] if tail else "no output")]
 (out / "summary.md").write_text("\n".join(lines) + "\n")
 PY
 cat "$out/summary.md"

@@ -10,6 +10,7 @@ TB/s = K/V bytes read / time; the peer is SDPA over the same K/V stored contiguo
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +99,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--json", default=None)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--write-tuning", action="store_true",
+                        help="record the faster decode face per measured shape in anygpt_engine/tuning/attention.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU (the CPU path is the torch reference)")
@@ -116,6 +119,25 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{**meta, **r} for r in rows], f, indent=2)
+    if args.write_tuning:
+        write_decode_rules(rows, meta["gpu"])
+
+
+def write_decode_rules(rows, gpu_name):
+    """Per measured (batch, context), the faster engine decode face, as rules the dispatch reads
+    in order (smallest shapes first)."""
+    best = {}
+    for r in rows:
+        if r["kind"] == "decode" and r["impl"].startswith("engine_"):
+            key = (r["batch"], r["context"])
+            if key not in best or r["median_ms"] < best[key][1]:
+                best[key] = (r["impl"].removeprefix("engine_"), r["median_ms"])
+    rules = [[b, ctx, face] for (b, ctx), (face, _) in sorted(best.items())]
+    path = Path(A.__file__).resolve().parents[1] / "tuning" / "attention.json"
+    table = json.loads(path.read_text())
+    table.setdefault("gpus", {}).setdefault(gpu_name, {})["decode_rules"] = rules
+    path.write_text(json.dumps(table, indent=2) + "\n")
+    print(f"wrote {len(rules)} decode rules for {gpu_name} to {path}")
 
 
 if __name__ == "__main__":

@@ -238,6 +238,14 @@ def test_rope_faces_agree_and_skip_negative_slots():
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6, equal_nan=True)
 
 
+def test_decode_face_order_follows_measured_rules():
+    params = {"decode_faces": ["cuda", "triton"], "decode_rules": [[4, 2048, "triton"], [64, 16384, "cuda"]]}
+    assert A.decode_face_order(1, 512, params) == ("triton", "cuda")
+    assert A.decode_face_order(4, 4096, params) == ("cuda", "triton")
+    assert A.decode_face_order(128, 512, params) == ("cuda", "triton")  # no rule: the default order
+    assert A.decode_face_order(1, 512, {"decode_faces": ["triton"]}) == ("triton",)
+
+
 def test_attention_argument_errors():
     q = torch.randn(3, 4, 64)
     kc = torch.randn(4, 16, 2, 64)

@@ -242,6 +242,16 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens
     return out.squeeze(2).masked_fill((seq_lens == 0).view(b, 1, 1), 0).to(q.dtype)
 
 
+def decode_face_order(batch: int, context: int, params: dict) -> tuple[str, ...]:
+    """Faces to try for a decode shape, fastest first: the first measured rule whose bounds
+    hold (rules [max_batch, max_context, face] are written by benchmarks/bench_attention.py
+    --write-tuning), else the table's default order."""
+    for max_batch, max_context, face in params.get("decode_rules", []):
+        if batch <= max_batch and context <= max_context:
+            return (face, *[f for f in params["decode_faces"] if f != face])
+    return tuple(params["decode_faces"])
+
+
 def decode_splits(batch: int, num_kv_heads: int, table_width: int, params: dict) -> int:
     """Context splits so batch x kv_heads x splits programs fill the GPU (host-side shapes only)."""
     wanted = -(-params["decode_target_programs"] // max(1, batch * num_kv_heads))
@@ -268,7 +278,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     elif out.shape != (batch, num_q_heads, head_dim) or out.dtype != q.dtype or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous ({batch}, {num_q_heads}, {head_dim}) {q.dtype} tensor")
     params = tuning.params("attention", q.device)
-    face = _backend.choose("paged_decode_attention", q.device, backend, tuple(params["decode_faces"]),
+    context = block_tables.shape[1] * k_cache.shape[1]
+    face = _backend.choose("paged_decode_attention", q.device, backend, decode_face_order(batch, context, params),
                            ("torch", "triton", "cuda"))
     if face == "torch":
         return out.copy_(paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale))

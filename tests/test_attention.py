@@ -77,14 +77,16 @@ def _rand(shape, dtype, g, scale=1.0):
 CPU_DTYPES = [torch.float32, torch.float16]
 
 
+SHORT_RUNS = [[(7, 7)], [(1, 1), (129, 129)], [(5, 40), (1, 17), (60, 60)]]
+# One long run per dtype is enough under the interpreter.
+PREFILL_CASES = [(heads, block, lens) for heads in [(4, 4), (8, 2), (8, 1)] for block in [16, 32]
+                 for lens in SHORT_RUNS] + [((8, 2), 16, [(1000, 1000)])]
+
+
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)])
-@pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("lens", [[(7, 7)], [(1, 1), (129, 129)], [(5, 40), (1, 17), (60, 60)], [(1000, 1000)]])
+@pytest.mark.parametrize("heads,block_size,lens", PREFILL_CASES)
 def test_varlen_paged_prefill(dtype, heads, block_size, lens):
     """Runs of q_len queries over kv_len keys (q_len < kv_len: a prompt extending a cached prefix)."""
-    if lens == [(1000, 1000)] and (heads != (8, 2) or block_size != 16):
-        pytest.skip("one long case is enough under the interpreter")
     g = torch.Generator().manual_seed(len(lens) + heads[0] + block_size)
     hq, hkv = heads
     d = 64
@@ -150,15 +152,13 @@ def test_varlen_reference_matches_oracle(dtype):
 DECODE_LENS = [[1], [7, 129, 1], [1000, 16, 33, 0]]
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+# The reference never splits.
+@pytest.mark.parametrize("backend,num_splits", [("torch", 1), ("triton", 1), ("triton", 3)])
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (8, 1)])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("lens", DECODE_LENS)
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_paged_decode(backend, dtype, heads, block_size, lens, num_splits):
-    if backend == "torch" and num_splits > 1:
-        pytest.skip("the reference does not split")
+def test_paged_decode(backend, num_splits, dtype, heads, block_size, lens):
     g = torch.Generator().manual_seed(sum(lens) + heads[1] + block_size)
     hq, hkv = heads
     d = 128 if hq == 4 else 64

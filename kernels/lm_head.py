@@ -18,10 +18,10 @@ def _lm_head_kernel(out_ptr, x_ptr, norm_ptr, weight_ptr, rows_ptr, batch, hidde
                     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
+    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # batches past BLOCK_B re-read the tile
     first = tl.load(rows_ptr)
     count = tl.load(rows_ptr + 1)
     inside = (v >= first) & (v < first + count) & (v < vocab)
-    b = tl.arange(0, BLOCK_B)
     b_mask = b < batch
     out_ptrs = out_ptr + b[:, None] * vocab + v[None, :]
     store_mask = b_mask[:, None] & (v < vocab)[None, :]
@@ -59,7 +59,7 @@ def lm_head(out, x, norm_weight, weight, rows, eps, block_v=64, block_k=128, num
     vocab = weight.shape[0]
     if batch == 0:
         return
-    _lm_head_kernel[(triton.cdiv(vocab, block_v),)](
+    block_b = min(64, max(16, triton.next_power_of_2(batch)))
+    _lm_head_kernel[(triton.cdiv(vocab, block_v), triton.cdiv(batch, block_b))](
         out, x, norm_weight, weight, rows, batch, hidden, vocab, x.stride(0), eps,
-        BLOCK_B=max(16, triton.next_power_of_2(batch)), BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps,
-        num_stages=num_stages)
+        BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)

@@ -50,8 +50,6 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torc
         raise ValueError(f"weight.shape={tuple(weight.shape)}, expected a contiguous [vocab, {hidden}] matrix")
     check_same("norm_weight", norm_weight, "x", x)
     check_same("weight", weight, "x", x)
-    if batch > 64:
-        raise ValueError(f"x has {batch} rows; the fused head serves decode batches of at most 64")
     vocab = weight.shape[0]
     if rows is not None and (rows.shape != (2,) or rows.dtype != torch.int64 or rows.device != x.device):
         raise ValueError(f"rows must be an int64 tensor (first_row, num_rows) on {x.device}, got "

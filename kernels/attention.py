@@ -180,12 +180,13 @@ def varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, *, kv
 
 @triton.jit
 def _paged_decode_kernel(part_out_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-                         q_stride, bt_stride, num_kv_heads, num_splits, scale,
+                         q_stride, bt_stride, bt_width, num_kv_heads, num_splits, scale,
                          HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr):
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(seq_lens_ptr + seq)
+    # Clamped to the table, so a wrong length can never read past the row's block table.
+    seq_len = tl.minimum(tl.load(seq_lens_ptr + seq), bt_width * PAGE)
     pages = tl.cdiv(seq_len, PAGE)
     per_split = tl.cdiv(pages, num_splits)
     first, last = split * per_split, tl.minimum((split + 1) * per_split, pages)
@@ -254,7 +255,7 @@ def paged_decode(out, q, k_cache, v_cache, block_tables, seq_lens, scale, part_o
     group = num_q_heads // num_kv_heads
     _paged_decode_kernel[(batch, num_kv_heads, num_splits)](
         part_out, part_lse, q, k_cache, v_cache, block_tables, seq_lens, q.stride(0), block_tables.stride(0),
-        num_kv_heads,
+        block_tables.shape[1], num_kv_heads,
         num_splits, scale, HEAD_DIM=head_dim, GROUP=group, GROUP_PAD=max(triton.next_power_of_2(group), 1),
         PAGE=k_cache.shape[1], num_warps=num_warps)
     _merge_splits_kernel[(batch * num_q_heads,)](

@@ -261,7 +261,9 @@ def decode_splits(batch: int, num_kv_heads: int, table_width: int, params: dict)
 def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale: float | None = None, out=None,
                            num_splits: int | None = None, backend: str | None = None) -> torch.Tensor:
     """q [B, Hq, D] (one query per sequence) over the caches [blocks, block_size, Hkv, D],
-    reading blocks block_tables[b, :ceil(seq_lens[b] / block_size)]. Returns out [B, Hq, D]."""
+    reading blocks block_tables[b, :ceil(seq_lens[b] / block_size)]. Returns out [B, Hq, D].
+    seq_lens lives on the device and is not checked here (that would sync); the kernels clamp it
+    to the table's width, so a wrong length gives wrong numbers, never an out-of-bounds read."""
     _tensor("q", q, 3, _FLOAT_TYPES)
     _heads_view("q", q)
     batch, num_q_heads, head_dim = q.shape

@@ -13,6 +13,7 @@ Causal masking is bottom-right aligned: query i of a run of q_len queries over k
 at position kv_len - q_len + i and sees keys 0..that position.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -99,7 +100,7 @@ def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr,
                              q_stride, out_stride, kv_token_stride, bt_stride, num_q_heads, num_kv_heads, scale,
                              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-                             PADDED_KEYS: tl.constexpr):
+                             PADDED_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     tile = tl.program_id(0)
     seq = tl.program_id(1).to(tl.int64)
     head = tl.program_id(2)
@@ -137,7 +138,8 @@ def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr,
         offs = _key_offsets(keys, seq, kv_head, k_start, block_tables_ptr, bt_stride, num_kv_heads, kv_token_stride,
                             HEAD_DIM, PAGED, PAGE)
         k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=key_mask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        # float32 inputs stay float32 on tensor cores (ieee), not tf32: fp32 engines match the reference.
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         visible = key_mask[None, :] & row_mask[:, None]
         if CAUSAL:
             visible &= keys[None, :] <= q_pos[:, None]
@@ -149,7 +151,7 @@ def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr,
         alpha = tl.exp2(m - shift)
         l = l * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=key_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m = m_new
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # rows without keys: zeros
     tl.store(out_ptr + (q_start + rows)[:, None] * out_stride + head * HEAD_DIM + d[None, :],
@@ -174,8 +176,8 @@ def varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, *, kv
         q.stride(0), out.stride(0), 0 if paged else k.stride(0), block_tables.stride(0) if paged else 0,
         num_q_heads, num_kv_heads, scale,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, PAGED=paged,
-        PAGE=k.shape[1] if paged else 1, PADDED_KEYS=not paged and kv_lens is not None, num_warps=num_warps,
-        num_stages=num_stages)
+        PAGE=k.shape[1] if paged else 1, PADDED_KEYS=not paged and kv_lens is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
 
 
 @triton.jit

@@ -7,6 +7,7 @@ restricted head is bit-identical to the full one on the rows it reads. Programs 
 are all outside the range only write -inf and never touch the weight.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -15,7 +16,8 @@ from anygpt_engine.kernels.common import round_to
 
 @triton.jit
 def _lm_head_kernel(out_ptr, x_ptr, norm_ptr, weight_ptr, rows_ptr, batch, hidden, vocab, x_stride, eps,
-                    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr):
     pid = tl.program_id(0)
     v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
     b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # batches past BLOCK_B re-read the tile
@@ -49,7 +51,7 @@ def _lm_head_kernel(out_ptr, x_ptr, norm_ptr, weight_ptr, rows_ptr, batch, hidde
         h = round_to(w_norm[None, :] * normed, dtype)
         w = tl.load(weight_ptr + v[:, None] * hidden + cols[None, :], mask=inside[:, None] & col_mask[None, :],
                     other=0.0)
-        acc += tl.dot(h, tl.trans(w))
+        acc += tl.dot(h, tl.trans(w), input_precision=DOT_PRECISION)  # ieee for float32: no tf32
     tl.store(out_ptrs, tl.where(inside[None, :], acc, float("-inf")), mask=store_mask)
 
 
@@ -62,4 +64,5 @@ def lm_head(out, x, norm_weight, weight, rows, eps, block_v=64, block_k=128, num
     block_b = min(64, max(16, triton.next_power_of_2(batch)))
     _lm_head_kernel[(triton.cdiv(vocab, block_v), triton.cdiv(batch, block_b))](
         out, x, norm_weight, weight, rows, batch, hidden, vocab, x.stride(0), eps,
-        BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_K=block_k,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)

@@ -40,12 +40,15 @@ case "$mode" in
     ;;
   kernels)
     step pytest_kernels 120 "${pytest_gpu[@]}" tests/test_sampling_kernels.py tests/test_rvq.py tests/test_maskgit.py \
-      tests/test_soundstorm.py
+      tests/test_soundstorm.py tests/test_soundstorm_fast.py
     step sanitize_maskgit 30 "${sanitize[@]}" tests/test_maskgit.py -k cuda
     step sanitize_sampling 40 "${sanitize[@]}" tests/test_sampling_kernels.py -k "greedy_exact and cuda"
+    step sanitize_soundstorm 30 "${sanitize[@]}" tests/test_soundstorm_fast.py -k small
     for bench in benchmarks/bench_*.py; do
       name=$(basename "$bench" .py)
-      step "$name" 45 python "$bench" --json "$out/$name.json"
+      limit=40
+      [ "$name" = bench_soundstorm ] && limit=80
+      step "$name" "$limit" python "$bench" --json "$out/$name.json"
     done
     ;;
   *) echo "unknown mode $mode (core or kernels)"; exit 2 ;;

@@ -33,6 +33,20 @@ P = net.conformer.layers.{i}; conv names of the unpatched upstream tree in brack
   out_weight [Q, D, V], out_bias [Q, V] net.to_logits.2.weight, .bias (einops may store [1, 1, Q, V])
 
 Generation is AnyGPT's (see generate); each MaskGIT step is one fused op, ops.maskgit_step.
+
+Two forwards compute the same network:
+  forward       the float32 reference (the oracle; any device, any parameter dtype)
+  forward_fast  the GPU path: weights cast once to `fast_dtype` (bf16 by default), activations in
+                that dtype, LayerNorm/softmax statistics and the logits in float32. Per block:
+                cuBLAS GEMMs (biases in their epilogue), fused residual-add + LayerNorm(s)
+                (ops.add_layer_norm), RoPE on the engine's rope kernel, the engine's flash
+                attention (bidirectional, keys cut at lengths), the conv module's GLU /
+                depthwise conv / Swish / channel LayerNorm in two kernels (ops.conformer_conv);
+                the code-embedding sum and the per-level output projection are one kernel each.
+                On a CPU it runs the ops' torch faces (that is how it is tested without a GPU).
+On a GPU generate replays each forward as a CUDA graph per (batch, frame bucket): frames are
+padded to a multiple of `frame_bucket` and masked by lengths, so one graph serves every shorter
+length exactly; the MaskGIT step runs between replays on the device, no host sync in the loop.
 """
 
 from __future__ import annotations
@@ -40,6 +54,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -49,8 +64,13 @@ from torch import nn
 
 from anygpt_engine import ops
 from anygpt_engine.ops import attention as attention_ops
+from anygpt_engine.ops import soundstorm as soundstorm_ops
 
 KEEP_THRESHOLD = 0.7  # upstream's topk_pres: the filter keeps ceil((1 - 0.7) * V) logits
+FRAME_BUCKET = 128  # the fast path pads frames to a multiple of this (one CUDA graph per bucket)
+LN_EPS = 1e-5  # nn.LayerNorm's default, upstream's everywhere
+CHAN_NORM_EPS = 1e-6  # the channel LayerNorm's clamp in float32 (upstream: 1e-6 for fp32, 1e-4 else)
+_FAST_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @dataclass(frozen=True)
@@ -135,6 +155,13 @@ class SoundStorm(nn.Module):
         self.out_weight = nn.Parameter(torch.empty(c.num_quantizers, c.dim, c.codebook_size, **kw))
         self.out_bias = nn.Parameter(torch.empty(c.num_quantizers, c.codebook_size, **kw))
         self.init_random()
+        # The fast path (forward_fast, CUDA graphs); see the module docstring.
+        self.fast_dtype = torch.bfloat16
+        self.frame_bucket = FRAME_BUCKET
+        self.graph_capture_seconds = 0.0  # total time spent capturing graphs so far
+        self._fast: _FastWeights | None = None
+        self._graphs: dict[tuple[int, int], _GraphPass] = {}
+        self._graph_pool = None
 
     def init_random(self, seed: int = 0) -> None:
         """Deterministic random weights: N(0, 1/fan_in) matrices, N(0, 1) embeddings, zero biases,
@@ -230,11 +257,122 @@ class SoundStorm(nn.Module):
         logits = torch.einsum("bnqd,qdl->bnql", h, self.out_weight) + self.out_bias
         return logits.reshape(b, n * q, c.codebook_size)
 
+    # -- the fast path ---------------------------------------------------------------------------
+    def _fast_weights(self) -> "_FastWeights":
+        """The weights cast once to fast_dtype (rebuilt, and the graphs dropped, when a parameter
+        changes: its data pointer or version counter moves)."""
+        if self.fast_dtype not in _FAST_DTYPES:
+            raise ValueError(f"fast_dtype={self.fast_dtype!r}, expected one of {_FAST_DTYPES}")
+        key = (self.fast_dtype, tuple((p.data_ptr(), p._version) for p in self.parameters()))
+        if self._fast is None or self._fast.key != key:
+            self._graphs.clear()
+            self._fast = None
+            self._fast = _FastWeights(self, self.fast_dtype, key)
+        return self._fast
+
+    @torch.no_grad()
+    def forward_fast(self, codes: torch.Tensor, semantic: torch.Tensor, lengths: torch.Tensor | None = None, *,
+                     out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+        """forward's logits [B, N*Q, V] (float32) on the fast path: fast_dtype weights and
+        activations, float32 statistics (module docstring). `out` takes a preallocated float32
+        [B, N*Q, V] tensor; `backend` forces the face of the fused ops (e.g. "torch", "triton").
+        Device work only, so it can be captured in a CUDA graph. Accuracy against forward in bf16:
+        the rules in tests/test_soundstorm_fast.py (rms error <= 3% of the logits' rms)."""
+        c = self.config
+        w = self._fast_weights()
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 3 or codes.shape[2] != c.num_quantizers:
+            raise ValueError(f"codes: expected an int64 [B, N, {c.num_quantizers}] tensor, got "
+                             f"{tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes).__name__}")
+        if codes.device != w.device:
+            raise ValueError(f"codes are on {codes.device}, the model on {w.device}")
+        b, n, q = codes.shape
+        t, dim, heads, dh = b * n, c.dim, c.heads, c.dim_head
+        if lengths is None:
+            lengths = torch.full((b,), n, dtype=torch.int64, device=codes.device)
+        aux = w.aux(b, n)
+        x = soundstorm_ops.code_embedding(codes, semantic, w.code_embed, w.semantic_embed, backend=backend).view(t, dim)
+        h = soundstorm_ops.add_layer_norm(x, norm=w.blocks[0].ff1_norm, eps=LN_EPS, backend=backend)
+        for i, blk in enumerate(w.blocks):
+            h = soundstorm_ops.add_layer_norm(x, self._ff_fast(h, blk.ff1), alpha=0.5, norm=blk.attn_norm, eps=LN_EPS,
+                                              backend=backend)
+            qkv = F.linear(h, blk.wqkv).view(t, 3, heads, dh)
+            k_rot = torch.empty((t, 1, heads, dh), dtype=qkv.dtype, device=qkv.device)
+            v_copy = torch.empty_like(k_rot)
+            ops.rope_kv_append(qkv[:, 0], qkv[:, 1], qkv[:, 2], aux.positions, aux.slots, k_rot, v_copy, w.inv_freq,
+                               backend=backend)
+            att = ops.varlen_attention(qkv[:, 0], k_rot.view(t, heads, dh), v_copy.view(t, heads, dh), aux.starts, n,
+                                       causal=False, cu_seqlens_k=aux.starts, kv_lens=lengths, scale=dh ** -0.5,
+                                       backend=backend)
+            y = F.linear(att.view(t, heads * dh), *blk.attn_out)
+            h = soundstorm_ops.add_layer_norm(x, y, norm=blk.conv_norm, eps=LN_EPS, backend=backend)
+            u = F.linear(h, *blk.conv_in).view(b, n, 2 * c.conv_dim)
+            g = soundstorm_ops.conformer_conv(u, lengths, blk.depthwise, blk.depthwise_bias, blk.chan_norm,
+                                              eps=CHAN_NORM_EPS, backend=backend)
+            y = F.linear(g.view(t, c.conv_dim), *blk.conv_out)
+            h = soundstorm_ops.add_layer_norm(x, y, norm=blk.ff2_norm, eps=LN_EPS, backend=backend)
+            following = w.blocks[i + 1].ff1_norm if i + 1 < len(w.blocks) else None
+            h = soundstorm_ops.add_layer_norm(x, self._ff_fast(h, blk.ff2), alpha=0.5, post_norm=blk.post_norm,
+                                              norm=following, eps=LN_EPS, backend=backend)
+        heads_out = F.linear(x, *w.heads).view(t * q, dim)
+        normed = soundstorm_ops.add_layer_norm(heads_out, norm=w.out_norm, eps=LN_EPS, backend=backend)
+        if out is not None and (out.shape != (b, n * q, c.codebook_size) or out.dtype != torch.float32):
+            raise ValueError(f"out: expected a float32 {(b, n * q, c.codebook_size)} tensor, got {out.dtype} "
+                             f"{tuple(out.shape)}")
+        logits = soundstorm_ops.grouped_linear(normed.view(t, q, dim), w.out_weight, w.out_bias,
+                                               out=None if out is None else out.view(t, q, c.codebook_size),
+                                               out_dtype=torch.float32, backend=backend)
+        return logits.view(b, n * q, c.codebook_size)
+
+    @staticmethod
+    def _ff_fast(h: torch.Tensor, ff: tuple) -> torch.Tensor:
+        up = F.linear(h, ff[0], ff[1])
+        return F.linear(F.silu(up, inplace=True), ff[2], ff[3])
+
+    @torch.no_grad()
+    def capture_graphs(self, batch_sizes: Sequence[int] = (1,), frames: Sequence[int] = (500,)) -> float:
+        """Captures forward_fast as CUDA graphs for every (batch size, bucket of each frame count)
+        up front, largest first (generate otherwise captures each on first use). Returns the
+        seconds spent; graph_capture_seconds keeps the total."""
+        device = self.code_embed.weight.device
+        if device.type != "cuda":
+            raise RuntimeError(f"capture_graphs needs the model on a CUDA device, it is on {device}")
+        for name, values in (("batch_sizes", batch_sizes), ("frames", frames)):
+            if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                raise ValueError(f"{name}={values!r}, expected positive ints")
+        keys = {(b, self._bucket(n, self.frame_bucket)) for b in batch_sizes for n in frames}
+        start = time.perf_counter()
+        for key in sorted(keys, key=lambda k: (k[0] * k[1], k), reverse=True):
+            self._graph_pass(*key).capture(self)
+        return time.perf_counter() - start
+
+    def release_graphs(self) -> None:
+        """Drops every captured graph, its static buffers and the fast path's weight copies."""
+        self._graphs.clear()
+        self._fast = None
+        self._graph_pool = None
+
+    @property
+    def captured_graphs(self) -> list[tuple[int, int]]:
+        """(batch, frames) of every graph captured (and still valid)."""
+        return sorted(k for k, g in self._graphs.items() if g.graph is not None)
+
+    @staticmethod
+    def _bucket(n: int, bucket: int) -> int:
+        return -(-n // bucket) * bucket
+
+    def _graph_pass(self, batch: int, frames: int) -> "_GraphPass":
+        self._fast_weights()  # drops stale graphs first
+        key = (batch, frames)
+        if key not in self._graphs:
+            self._graphs[key] = _GraphPass(self, batch, frames, self.code_embed.weight.device)
+        return self._graphs[key]
+
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, semantic_ids, prompt=None, steps: int = 3, greedy: bool = True,
                  generator: torch.Generator | None = None, *, lengths=None, prompt_lengths=None, seeds=None,
-                 noise: Callable[[int], torch.Tensor] | None = None, backend: str | None = None):
+                 noise: Callable[[int], torch.Tensor] | None = None, backend: str | None = None,
+                 fast: bool | None = None, cuda_graphs: bool | None = None, frame_bucket: int | None = None):
         """Codes [B, T, 1 + Q] (level 0 = the semantic input) for semantic ids [B, T], AnyGPT's way.
 
         semantic_ids: a [B, T] tensor (with optional `lengths` [B]) or a list of 1-D sequences.
@@ -254,6 +392,14 @@ class SoundStorm(nn.Module):
         through ops.maskgit_uniform, so an item gives the same codes alone or in any batch.
         `noise(counter)` may return the U(0, 1) draws [B, N_max*Q, V] of pass `counter` instead
         (counter = i for level-0 steps, S + q for level q), for tests.
+
+        Paths: fast (default on a CUDA model) runs forward_fast (fast_dtype weights, float32
+        logits), else the float32 reference forward. cuda_graphs (default: fast on CUDA) replays
+        one captured graph per (batch, frame bucket) (captured on first use, or up front by
+        capture_graphs); False runs the same forward eagerly. Frames are padded to a multiple of
+        frame_bucket (default: self.frame_bucket on the fast path, 1 on the reference path);
+        padding is masked by lengths and never read by the step, so it does not change codes.
+        `backend` picks the MaskGIT step's face. A model's graphs serve one generate at a time.
         """
         c = self.config
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -276,22 +422,37 @@ class SoundStorm(nn.Module):
                                  "prompt semantic ids")
         seeds = _seeds(seeds, batch, generator)
 
+        fast, cuda_graphs, bucket = self._paths(device, fast, cuda_graphs, frame_bucket)
+
         n_len = [p + t for p, t in zip(p_len, t_len)]
         n_max, q = max(n_len), c.num_quantizers
-        semantic = torch.zeros(batch, n_max, dtype=torch.int64)
-        codes = torch.full((batch, n_max, q), c.mask_id, dtype=torch.int64)
+        n_pad = self._bucket(n_max, bucket)
+        semantic = torch.zeros(batch, n_pad, dtype=torch.int64)
+        codes = torch.full((batch, n_pad, q), c.mask_id, dtype=torch.int64)
         for i in range(batch):
             if p_len[i]:
                 semantic[i, :p_len[i]] = prompt_sem[i]
                 codes[i, :p_len[i]] = prompt_ac[i]
             semantic[i, p_len[i]:n_len[i]] = target[i]
-        semantic, codes = semantic.to(device), codes.to(device)
-        lengths_t = torch.tensor(n_len, device=device)
+        if cuda_graphs:  # the state lives in the graph's static inputs
+            graph = self._graph_pass(batch, n_pad)
+            semantic, codes = graph.semantic.copy_(semantic), graph.codes.copy_(codes)
+            lengths_t = graph.lengths.copy_(torch.tensor(n_len))
+
+            def forward():
+                return graph.run(self)
+        else:
+            semantic, codes = semantic.to(device), codes.to(device)
+            lengths_t = torch.tensor(n_len, device=device)
+            net = self.forward_fast if fast else self
+
+            def forward():
+                return net(codes, semantic, lengths_t)
         prompt_t = torch.tensor(p_len, device=device)
         seeds_t = torch.tensor(seeds, dtype=torch.int64, device=device)
-        frames = torch.arange(n_max, device=device).view(1, n_max, 1)
+        frames = torch.arange(n_pad, device=device).view(1, n_pad, 1)
         valid = frames < lengths_t.view(-1, 1, 1)
-        open_mask = (valid & (frames >= prompt_t.view(-1, 1, 1))).expand(batch, n_max, q).contiguous()
+        open_mask = (valid & (frames >= prompt_t.view(-1, 1, 1))).expand(batch, n_pad, q).contiguous()
         # Computed on the host in float32, as upstream does on its device.
         times = torch.linspace(0.0, 1.0, steps + 1)
         counts = (torch.cos(times * math.pi / 2).view(-1, 1) * torch.tensor(n_len).view(1, -1)).long().to(device)
@@ -299,10 +460,11 @@ class SoundStorm(nn.Module):
         zeros = torch.zeros(batch, dtype=torch.int64, device=device)
 
         def step(counter, count, temperature, level):
-            logits = self(codes, semantic, lengths_t)
+            logits = forward()
+            uniform = None if noise is None else _padded_noise(noise(counter), n_pad * q)
             ops.maskgit_step(logits, codes, open_mask, lengths_t, prompt_t, count, seeds_t, counter=counter,
-                             temperature=temperature, greedy=greedy, keep=keep, level=level,
-                             uniform=None if noise is None else noise(counter), backend=backend)
+                             temperature=temperature, greedy=greedy, keep=keep, level=level, uniform=uniform,
+                             backend=backend)
 
         for i in range(steps + 1):
             step(i, counts[i], i / steps, 0)
@@ -319,6 +481,23 @@ class SoundStorm(nn.Module):
         for i, row in enumerate(rows):
             result[i, :len(row)] = row
         return result
+
+    def _paths(self, device: torch.device, fast, cuda_graphs, frame_bucket) -> tuple[bool, bool, int]:
+        """generate's (fast, cuda_graphs, frame bucket) from its arguments and the device."""
+        on_cuda = device.type == "cuda"
+        for name, value in (("fast", fast), ("cuda_graphs", cuda_graphs)):
+            if value is not None and not isinstance(value, bool):
+                raise TypeError(f"{name}={value!r}, expected None, True or False")
+        fast = on_cuda if fast is None else fast
+        if cuda_graphs is None:
+            cuda_graphs = fast and on_cuda
+        elif cuda_graphs and not (fast and on_cuda):
+            raise ValueError(f"cuda_graphs=True needs fast=True and the model on a CUDA device (fast={fast}, "
+                             f"device={device})")
+        bucket = frame_bucket if frame_bucket is not None else (self.frame_bucket if fast else 1)
+        if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
+            raise ValueError(f"frame_bucket={bucket!r}, expected a positive int")
+        return fast, cuda_graphs, bucket
 
     # -- weights -------------------------------------------------------------------------------
     @classmethod
@@ -354,6 +533,113 @@ class SoundStorm(nn.Module):
         return model.eval()
 
 
+# -- the fast path's state ---------------------------------------------------------------------------
+class _FastWeights:
+    """forward_fast's weights, cast once: matrices, embeddings and linear biases in `dtype` (no
+    copy when a parameter already has it), the norms, the conv's taps, bias and gamma and the
+    output bias in float32. Also caches the per-shape index tensors of the rope and attention ops."""
+
+    def __init__(self, model: SoundStorm, dtype: torch.dtype, key):
+        self.key = key
+        self.device = model.code_embed.weight.device
+
+        def cast(t):
+            return t.detach().to(dtype).contiguous()
+
+        def f32(t):
+            return t.detach().float().contiguous()
+
+        def norm(m):
+            return f32(m.weight), f32(m.bias)
+
+        def linear(m):
+            return cast(m.weight), cast(m.bias)
+
+        def ff(m):
+            return cast(m.up.weight), cast(m.up.bias), cast(m.down.weight), cast(m.down.bias)
+
+        self.code_embed = cast(model.code_embed.weight)
+        self.semantic_embed = cast(model.semantic_embed.weight)
+        self.blocks = []
+        for blk in model.layers:
+            self.blocks.append(_Namespace(
+                ff1=ff(blk.ff1), ff1_norm=norm(blk.ff1.norm), attn_norm=norm(blk.attn_norm), wqkv=cast(blk.wqkv),
+                attn_out=linear(blk.attn_out), conv_norm=norm(blk.conv_norm), conv_in=linear(blk.conv_in),
+                # [C, K] taps stored [K, C]: the conv kernel reads a tap of every channel at once.
+                depthwise=f32(blk.depthwise.weight[:, 0, :].t()).t(), depthwise_bias=f32(blk.depthwise.bias),
+                chan_norm=f32(blk.chan_norm), conv_out=linear(blk.conv_out), ff2=ff(blk.ff2),
+                ff2_norm=norm(blk.ff2.norm), post_norm=norm(blk.post_norm)))
+        self.heads = linear(model.heads)
+        self.out_norm = norm(model.out_norm)
+        self.out_weight = cast(model.out_weight)
+        self.out_bias = f32(model.out_bias)
+        d = model.config.dim_head
+        self.inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=self.device).float() / d))
+        self._aux: dict[tuple[int, int], _Namespace] = {}
+
+    def aux(self, batch: int, frames: int) -> "_Namespace":
+        """Frame positions and cache slots of every token, and the items' token offsets."""
+        key = (batch, frames)
+        if key not in self._aux:
+            dev = self.device
+            self._aux[key] = _Namespace(positions=torch.arange(frames, device=dev).repeat(batch),
+                                        slots=torch.arange(batch * frames, device=dev),
+                                        starts=torch.arange(0, (batch + 1) * frames, frames, device=dev))
+        return self._aux[key]
+
+
+class _Namespace:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+class _GraphPass:
+    """One (batch, frames) bucket of the fast path: static inputs (codes, semantic ids, lengths),
+    static float32 logits and, once captured, the CUDA graph of forward_fast between them.
+    generate keeps its MaskGIT state in `codes` itself, so a pass needs no copies."""
+
+    def __init__(self, model: SoundStorm, batch: int, frames: int, device: torch.device):
+        c = model.config
+        self.codes = torch.full((batch, frames, c.num_quantizers), c.mask_id, dtype=torch.int64, device=device)
+        self.semantic = torch.zeros((batch, frames), dtype=torch.int64, device=device)
+        self.lengths = torch.full((batch,), frames, dtype=torch.int64, device=device)
+        self.logits = torch.zeros((batch, frames * c.num_quantizers, c.codebook_size), dtype=torch.float32,
+                                  device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.capture_seconds = 0.0
+
+    def capture(self, model: SoundStorm) -> None:
+        """Warm-up on a side stream (kernel compilation, library handles), then capture into the
+        model's shared pool. The inputs are read, never written, so live generate state is safe."""
+        if self.graph is not None:
+            return
+        start = time.perf_counter()
+        device = self.codes.device
+        model._fast_weights().aux(*self.semantic.shape)  # index tensors made outside the graph
+        if model._graph_pool is None:
+            model._graph_pool = torch.cuda.graph_pool_handle()
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model.forward_fast(self.codes, self.semantic, self.lengths, out=self.logits)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=model._graph_pool):
+            model.forward_fast(self.codes, self.semantic, self.lengths, out=self.logits)
+        torch.cuda.synchronize(device)
+        self.graph = graph
+        self.capture_seconds = time.perf_counter() - start
+        model.graph_capture_seconds += self.capture_seconds
+
+    def run(self, model: SoundStorm) -> torch.Tensor:
+        if self.graph is None:
+            self.capture(model)
+        self.graph.replay()
+        return self.logits
+
+
 # -- input handling ------------------------------------------------------------------------------
 def _ragged(name, value, lengths, ndim, limit, levels=None, min_length=0):
     """(was a list, per-item int64 CPU tensors, their lengths) of a padded tensor or a list."""
@@ -383,6 +669,14 @@ def _ragged(name, value, lengths, ndim, limit, levels=None, min_length=0):
         if len(t) < min_length:
             raise ValueError(f"{name}[{i}] has {len(t)} frames, expected at least {min_length}")
     return as_list, items, [len(t) for t in items]
+
+
+def _padded_noise(uniform: torch.Tensor, positions: int) -> torch.Tensor:
+    """Injected draws [B, N_max*Q, V] widened to the padded frames (never read: they are padding)."""
+    if isinstance(uniform, torch.Tensor) and uniform.dim() == 3 and uniform.shape[1] < positions:
+        pad = uniform.new_full((uniform.shape[0], positions - uniform.shape[1], uniform.shape[2]), 0.5)
+        return torch.cat((uniform, pad), dim=1)
+    return uniform
 
 
 def _seeds(seeds, batch, generator):

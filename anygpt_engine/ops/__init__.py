@@ -8,10 +8,11 @@ from anygpt_engine.ops.rms_norm import rms_norm, rms_norm_reference
 from anygpt_engine.ops.rvq import (RVQCodebooks, RVQEncoding, rvq_decode, rvq_decode_reference, rvq_encode,
                                    rvq_encode_reference)
 from anygpt_engine.ops.sampling import sample_tokens, sample_tokens_reference
+from anygpt_engine.ops.soundstorm import add_layer_norm, code_embedding, conformer_conv, grouped_linear
 
 __all__ = [
-    "RVQCodebooks", "RVQEncoding", "keep_count", "lm_head", "maskgit_step", "maskgit_step_reference",
-    "maskgit_uniform", "paged_decode_attention", "rms_norm", "rms_norm_reference", "rope_kv_append", "rvq_decode",
-    "rvq_decode_reference", "rvq_encode", "rvq_encode_reference", "sample_tokens", "sample_tokens_reference",
-    "varlen_attention",
+    "RVQCodebooks", "RVQEncoding", "add_layer_norm", "code_embedding", "conformer_conv", "grouped_linear",
+    "keep_count", "lm_head", "maskgit_step", "maskgit_step_reference", "maskgit_uniform", "paged_decode_attention",
+    "rms_norm", "rms_norm_reference", "rope_kv_append", "rvq_decode", "rvq_decode_reference", "rvq_encode",
+    "rvq_encode_reference", "sample_tokens", "sample_tokens_reference", "varlen_attention",
 ]

@@ -7,6 +7,7 @@ import functools
 import torch
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+FLOAT_TYPES = tuple(_DTYPE_CODES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,6 +45,18 @@ def dtype_code(name: str, tensor: torch.Tensor) -> int:
 
 def cuda_stream_handle(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def check_tensor(name: str, t, dims: int | None = None, dtypes=None, device=None) -> None:
+    """A tensor with `dims` dimensions, one of `dtypes`, on `device` (each check when given)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name}.shape={tuple(t.shape)}, expected {dims} dimensions")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name}.dtype={t.dtype}, expected one of {[str(d) for d in dtypes]}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
 
 
 def check_same(name: str, tensor: torch.Tensor, like_name: str, like: torch.Tensor) -> None:

@@ -27,23 +27,11 @@ import torch.nn.functional as F
 
 from anygpt_engine import tuning
 from anygpt_engine.ops import backend as _backend
-from anygpt_engine.ops._extension import cuda_stream_handle, dtype_code, extension
+from anygpt_engine.ops._extension import FLOAT_TYPES, check_tensor, cuda_stream_handle, dtype_code, extension
 
-_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # -- argument checks -----------------------------------------------------------------------------
-def _tensor(name, t, dims=None, dtypes=None, device=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dims is not None and t.dim() != dims:
-        raise ValueError(f"{name}.shape={tuple(t.shape)}, expected {dims} dimensions")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{name}.dtype={t.dtype}, expected one of {[str(d) for d in dtypes]}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-
-
 def _heads_view(name, t):
     """A [tokens, heads, head_dim] view whose heads and elements are contiguous."""
     if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
@@ -52,7 +40,7 @@ def _heads_view(name, t):
 
 def _check_cache(k_cache, v_cache, dtype, device, num_kv_heads, head_dim):
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
-        _tensor(name, c, 4, (dtype,), device)
+        check_tensor(name, c, 4, (dtype,), device)
         if not c.is_contiguous():
             raise ValueError(f"{name} must be contiguous [blocks, block_size, kv_heads, head_dim]")
         if c.shape[2:] != (num_kv_heads, head_dim):
@@ -70,7 +58,7 @@ def _check_heads(num_q_heads, num_kv_heads, head_dim):
 
 
 def _index(name, t, length, device):
-    _tensor(name, t, 1, (torch.int64,), device)
+    check_tensor(name, t, 1, (torch.int64,), device)
     if t.shape[0] != length:
         raise ValueError(f"{name}.shape={tuple(t.shape)}, expected ({length},)")
 
@@ -100,10 +88,10 @@ def rope_kv_append_reference(q, k, v, positions, slot_mapping, k_cache, v_cache,
 def rope_kv_append(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq, *, backend=None) -> None:
     """q [T, Hq, D] is rotated in place; k [T, Hkv, D] rotated and v copied into the caches
     [blocks, block_size, Hkv, D] at flat slots slot_mapping [T]. inv_freq: float32 [D / 2]."""
-    _tensor("q", q, 3, _FLOAT_TYPES)
+    check_tensor("q", q, 3, FLOAT_TYPES)
     tokens, num_q_heads, head_dim = q.shape
     for name, t in (("k", k), ("v", v)):
-        _tensor(name, t, 3, (q.dtype,), q.device)
+        check_tensor(name, t, 3, (q.dtype,), q.device)
         if t.shape[0] != tokens or t.shape[2] != head_dim:
             raise ValueError(f"{name}.shape={tuple(t.shape)}, expected [{tokens}, kv_heads, {head_dim}]")
     if v.shape != k.shape:
@@ -115,7 +103,7 @@ def rope_kv_append(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq,
     _index("positions", positions, tokens, q.device)
     _index("slot_mapping", slot_mapping, tokens, q.device)
     _check_cache(k_cache, v_cache, q.dtype, q.device, num_kv_heads, head_dim)
-    _tensor("inv_freq", inv_freq, 1, (torch.float32,), q.device)
+    check_tensor("inv_freq", inv_freq, 1, (torch.float32,), q.device)
     if inv_freq.shape[0] != head_dim // 2 or not inv_freq.is_contiguous():
         raise ValueError(f"inv_freq.shape={tuple(inv_freq.shape)}, expected contiguous ({head_dim // 2},)")
     params = tuning.params("attention", q.device)
@@ -179,10 +167,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, max_q_len: int, *, causal: bool = Tr
     longest `max_q_len`) over paged K/V (k, v caches with kv_lens [B] and block_tables [B, nb])
     or packed K/V (k, v [Tk, Hkv, D] with cu_seqlens_k [B + 1]; with kv_lens too, run b's keys
     past kv_lens[b] are padding, as in a padded batch). Returns out [Tq, Hq, D]."""
-    _tensor("q", q, 3, _FLOAT_TYPES)
+    check_tensor("q", q, 3, FLOAT_TYPES)
     _heads_view("q", q)
     tokens, num_q_heads, head_dim = q.shape
-    _tensor("cu_seqlens_q", cu_seqlens_q, 1, (torch.int64,), q.device)
+    check_tensor("cu_seqlens_q", cu_seqlens_q, 1, (torch.int64,), q.device)
     batch = cu_seqlens_q.shape[0] - 1
     if batch < 0:
         raise ValueError("cu_seqlens_q is empty, expected [batch + 1] offsets starting at 0")
@@ -194,7 +182,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, max_q_len: int, *, causal: bool = Tr
             raise ValueError("kv_lens is required with block_tables")
         _check_cache(k, v, q.dtype, q.device, k.shape[2] if k.dim() == 4 else -1, head_dim)
         _index("kv_lens", kv_lens, batch, q.device)
-        _tensor("block_tables", block_tables, 2, (torch.int64,), q.device)
+        check_tensor("block_tables", block_tables, 2, (torch.int64,), q.device)
         if block_tables.shape[0] != batch or block_tables.stride(1) != 1:
             raise ValueError(f"block_tables.shape={tuple(block_tables.shape)}, expected [{batch}, blocks] with "
                              "contiguous rows")
@@ -203,7 +191,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, max_q_len: int, *, causal: bool = Tr
         if kv_lens is not None:
             _index("kv_lens", kv_lens, batch, q.device)
         for name, t in (("k", k), ("v", v)):
-            _tensor(name, t, 3, (q.dtype,), q.device)
+            check_tensor(name, t, 3, (q.dtype,), q.device)
             _heads_view(name, t)
             if t.shape[2] != head_dim:
                 raise ValueError(f"{name}.shape={tuple(t.shape)}, expected head_dim {head_dim}")
@@ -264,13 +252,13 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     reading blocks block_tables[b, :ceil(seq_lens[b] / block_size)]. Returns out [B, Hq, D].
     seq_lens lives on the device and is not checked here (that would sync); the kernels clamp it
     to the table's width, so a wrong length gives wrong numbers, never an out-of-bounds read."""
-    _tensor("q", q, 3, _FLOAT_TYPES)
+    check_tensor("q", q, 3, FLOAT_TYPES)
     _heads_view("q", q)
     batch, num_q_heads, head_dim = q.shape
     _check_cache(k_cache, v_cache, q.dtype, q.device, k_cache.shape[2] if k_cache.dim() == 4 else -1, head_dim)
     _check_heads(num_q_heads, k_cache.shape[2], head_dim)
     _index("seq_lens", seq_lens, batch, q.device)
-    _tensor("block_tables", block_tables, 2, (torch.int64,), q.device)
+    check_tensor("block_tables", block_tables, 2, (torch.int64,), q.device)
     if block_tables.shape[0] != batch or block_tables.stride(1) != 1:
         raise ValueError(f"block_tables.shape={tuple(block_tables.shape)}, expected [{batch}, blocks] with contiguous "
                          "rows")

@@ -33,28 +33,17 @@ import torch.nn.functional as F
 
 from anygpt_engine import tuning
 from anygpt_engine.ops import backend as _backend
+from anygpt_engine.ops._extension import FLOAT_TYPES, check_tensor
 
 _SUPPORTED = ("torch", "triton")
 _PREFERRED_ON_GPU = ("triton",)
-_FLOAT_TYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_TRITON_DIM = 16384  # a row sits in registers
 MAX_TRITON_CONV_CHANNELS = 8192  # BLOCK_T frames x all channels sit in registers
 
 
 # -- checks ---------------------------------------------------------------------------------------
-def _tensor(name, t, dims=None, dtypes=None, device=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if dims is not None and t.dim() != dims:
-        raise ValueError(f"{name}.shape={tuple(t.shape)}, expected {dims} dimensions")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{name}.dtype={t.dtype}, expected one of {[str(d) for d in dtypes]}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device}, expected {device}")
-
-
 def _vector(name, t, size, device):
-    _tensor(name, t, 1, _FLOAT_TYPES, device)
+    check_tensor(name, t, 1, FLOAT_TYPES, device)
     if t.shape[0] != size or not t.is_contiguous():
         raise ValueError(f"{name}.shape={tuple(t.shape)}, expected contiguous ({size},)")
 
@@ -62,7 +51,7 @@ def _vector(name, t, size, device):
 def _output(name, out, shape, dtype, device):
     if out is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    _tensor(name, out, len(shape), (dtype,), device)
+    check_tensor(name, out, len(shape), (dtype,), device)
     if tuple(out.shape) != tuple(shape) or not out.is_contiguous():
         raise ValueError(f"{name}: expected a contiguous {tuple(shape)} {dtype} tensor, got {tuple(out.shape)} with "
                          f"strides {out.stride()}")
@@ -95,18 +84,18 @@ def code_embedding(codes: torch.Tensor, semantic: torch.Tensor, code_embed: torc
     """codes [B, N, Q] int64 in [0, V] (V = the mask id), semantic [B, N] int64 in [0, S),
     code_embed [Q * (V + 1), D] (level q's rows start at q * (V + 1)), semantic_embed [S, D] of
     the same dtype. Returns x [B, N, D] in that dtype."""
-    _tensor("codes", codes, 3, (torch.int64,))
+    check_tensor("codes", codes, 3, (torch.int64,))
     device = codes.device
     b, n, q = codes.shape
-    _tensor("semantic", semantic, 2, (torch.int64,), device)
+    check_tensor("semantic", semantic, 2, (torch.int64,), device)
     if tuple(semantic.shape) != (b, n):
         raise ValueError(f"semantic.shape={tuple(semantic.shape)}, expected ({b}, {n}) like codes")
-    _tensor("code_embed", code_embed, 2, _FLOAT_TYPES, device)
+    check_tensor("code_embed", code_embed, 2, FLOAT_TYPES, device)
     if q == 0 or code_embed.shape[0] % q or not code_embed.is_contiguous():
         raise ValueError(f"code_embed.shape={tuple(code_embed.shape)}, expected contiguous [{q} * (V + 1), D] "
                          f"({q} levels)")
     dim = code_embed.shape[1]
-    _tensor("semantic_embed", semantic_embed, 2, (code_embed.dtype,), device)
+    check_tensor("semantic_embed", semantic_embed, 2, (code_embed.dtype,), device)
     if semantic_embed.shape[1] != dim or not semantic_embed.is_contiguous():
         raise ValueError(f"semantic_embed.shape={tuple(semantic_embed.shape)}, expected contiguous [S, {dim}]")
     out = _output("out", out, (b, n, dim), code_embed.dtype, device)
@@ -158,14 +147,14 @@ def add_layer_norm(residual: torch.Tensor, y: torch.Tensor | None = None, *, alp
     """residual [..., D] (contiguous; written in place when y or post_norm is given) += alpha * y,
     then LayerNorm'd in place by post_norm = (weight, bias); returns out = LayerNorm(residual) by
     norm = (weight, bias), or None without norm. eps applies to both norms."""
-    _tensor("residual", residual, None, _FLOAT_TYPES)
+    check_tensor("residual", residual, None, FLOAT_TYPES)
     device = residual.device
     if residual.dim() < 1 or residual.shape[-1] == 0 or not residual.is_contiguous():
         raise ValueError(f"residual: shape {tuple(residual.shape)}, strides {residual.stride()}: expected a "
                          "contiguous [..., D] tensor with D > 0")
     dim = residual.shape[-1]
     if y is not None:
-        _tensor("y", y, None, (residual.dtype,), device)
+        check_tensor("y", y, None, (residual.dtype,), device)
         if y.shape != residual.shape or not y.is_contiguous():
             raise ValueError(f"y.shape={tuple(y.shape)}, expected contiguous {tuple(residual.shape)} like residual")
     for name, pair in (("post_norm", post_norm), ("norm", norm)):
@@ -240,16 +229,16 @@ def conformer_conv(u: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor,
     [B] int64 (frames >= lengths[b] are padding), weight [C, K] depthwise taps (any strides; a
     [K, C]-contiguous tensor's transpose reads fastest), bias and gamma [C]. Returns [B, N, C]
     in u's dtype (padded frames come out as 0)."""
-    _tensor("u", u, 3, _FLOAT_TYPES)
+    check_tensor("u", u, 3, FLOAT_TYPES)
     device = u.device
     b, n, c2 = u.shape
     if c2 % 2 or not u.is_contiguous():
         raise ValueError(f"u: shape {tuple(u.shape)}, strides {u.stride()}: expected contiguous [B, N, 2C]")
     c = c2 // 2
-    _tensor("lengths", lengths, 1, (torch.int64,), device)
+    check_tensor("lengths", lengths, 1, (torch.int64,), device)
     if lengths.shape[0] != b:
         raise ValueError(f"lengths.shape={tuple(lengths.shape)}, expected ({b},)")
-    _tensor("weight", weight, 2, _FLOAT_TYPES, device)
+    check_tensor("weight", weight, 2, FLOAT_TYPES, device)
     if weight.shape[0] != c or weight.shape[1] < 1:
         raise ValueError(f"weight.shape={tuple(weight.shape)}, expected [{c}, K] (depthwise taps per channel)")
     _vector("bias", bias, c, device)
@@ -293,16 +282,16 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
     """out[m, q] = x[m, q] @ weight[q] + bias[q]: x [M, Q, D] (unit last stride, rows and levels
     may be strided), weight [Q, D, V] contiguous of x's dtype, bias [Q, V]; out [M, Q, V] with
     unit last stride, float32 or x's dtype (out_dtype; default x's). Accumulates in float32."""
-    _tensor("x", x, 3, _FLOAT_TYPES)
+    check_tensor("x", x, 3, FLOAT_TYPES)
     device = x.device
     m, q, d = x.shape
     if x.stride(2) != 1:
         raise ValueError(f"x strides {x.stride()}: expected a unit last stride")
-    _tensor("weight", weight, 3, (x.dtype,), device)
+    check_tensor("weight", weight, 3, (x.dtype,), device)
     if weight.shape[:2] != (q, d) or not weight.is_contiguous():
         raise ValueError(f"weight.shape={tuple(weight.shape)}, expected contiguous [{q}, {d}, V]")
     v = weight.shape[2]
-    _tensor("bias", bias, 2, _FLOAT_TYPES, device)
+    check_tensor("bias", bias, 2, FLOAT_TYPES, device)
     if tuple(bias.shape) != (q, v) or not bias.is_contiguous():
         raise ValueError(f"bias.shape={tuple(bias.shape)}, expected contiguous ({q}, {v})")
     if out is None:
@@ -311,7 +300,7 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
             raise TypeError(f"out_dtype={out_dtype}, expected torch.float32 or {x.dtype} (x's dtype)")
         out = torch.empty((m, q, v), dtype=dtype, device=device)
     else:
-        _tensor("out", out, 3, (torch.float32, x.dtype), device)
+        check_tensor("out", out, 3, (torch.float32, x.dtype), device)
         if tuple(out.shape) != (m, q, v) or out.stride(2) != 1:
             raise ValueError(f"out: shape {tuple(out.shape)}, strides {out.stride()}: expected ({m}, {q}, {v}) with "
                              "a unit last stride")

@@ -107,7 +107,8 @@ def rope_kv_append(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq,
     if inv_freq.shape[0] != head_dim // 2 or not inv_freq.is_contiguous():
         raise ValueError(f"inv_freq.shape={tuple(inv_freq.shape)}, expected contiguous ({head_dim // 2},)")
     params = tuning.params("attention", q.device)
-    face = _backend.choose("rope_kv_append", q.device, backend, tuple(params["rope_faces"]), ("torch", "triton", "cuda"))
+    face = _backend.choose("rope_kv_append", q.device, backend, tuple(params["rope_faces"]),
+                           ("torch", "triton", "cuda"))
     if face == "torch":
         rope_kv_append_reference(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq)
     elif face == "triton":

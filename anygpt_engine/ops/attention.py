@@ -111,16 +111,31 @@ def rope_kv_append(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq,
                            ("torch", "triton", "cuda"))
     if face == "torch":
         rope_kv_append_reference(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq)
-    elif face == "triton":
+    else:
+        _rope_kv_append_kernel(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq, face)
+
+
+# Kernel launches on checked arguments, registered so torch.compile and graphs see them.
+@torch.library.custom_op("anygpt_engine::rope_kv_append_kernel", mutates_args=("q", "k_cache", "v_cache"))
+def _rope_kv_append_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                           slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           inv_freq: torch.Tensor, face: str) -> None:
+    if face == "triton":
         from anygpt_engine.kernels import attention as kernels
 
         kernels.rope_kv_append(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq,
-                               num_warps=params["rope_warps"])
-    else:
-        extension().rope_kv_append_cuda(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
-            k_cache.data_ptr(), v_cache.data_ptr(), inv_freq.data_ptr(), tokens, num_q_heads, num_kv_heads, head_dim,
-            q.stride(0), k.stride(0), v.stride(0), dtype_code("q", q), cuda_stream_handle(q.device))
+                               num_warps=tuning.params("attention", q.device)["rope_warps"])
+        return
+    tokens, num_q_heads, head_dim = q.shape
+    extension().rope_kv_append_cuda(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), inv_freq.data_ptr(), tokens, num_q_heads, k.shape[1], head_dim,
+        q.stride(0), k.stride(0), v.stride(0), dtype_code("q", q), cuda_stream_handle(q.device))
+
+
+@_rope_kv_append_kernel.register_fake
+def _(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq, face):
+    return None
 
 
 # -- variable-length (prefill) attention --------------------------------------------------------
@@ -208,6 +223,16 @@ def varlen_attention(q, k, v, cu_seqlens_q, max_q_len: int, *, causal: bool = Tr
     if face == "torch":
         return out.copy_(varlen_attention_reference(q, k, v, cu_seqlens_q, causal, scale, kv_lens, block_tables,
                                                     cu_seqlens_k))
+    _varlen_attention_kernel(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, kv_lens, block_tables,
+                             cu_seqlens_k)
+    return out
+
+
+@torch.library.custom_op("anygpt_engine::varlen_attention_kernel", mutates_args=("out",))
+def _varlen_attention_kernel(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             cu_seqlens_q: torch.Tensor, max_q_len: int, scale: float, causal: bool,
+                             kv_lens: torch.Tensor | None, block_tables: torch.Tensor | None,
+                             cu_seqlens_k: torch.Tensor | None) -> None:
     from anygpt_engine.kernels import attention as kernels
 
     params = tuning.params("attention", q.device)
@@ -215,7 +240,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, max_q_len: int, *, causal: bool = Tr
                              block_tables=block_tables, cu_seqlens_k=cu_seqlens_k, block_m=params["prefill_block_m"],
                              block_n=params["prefill_block_n"], num_warps=params["prefill_warps"],
                              num_stages=params["prefill_stages"])
-    return out
+
+
+@_varlen_attention_kernel.register_fake
+def _(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, kv_lens, block_tables, cu_seqlens_k):
+    return None
 
 
 # -- paged decode attention ---------------------------------------------------------------------
@@ -280,16 +309,32 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
         raise ValueError(f"num_splits={num_splits!r}, expected a positive int")
     part_out = torch.empty((batch, num_q_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((batch, num_q_heads, num_splits), dtype=torch.float32, device=q.device)
+    if face == "cuda":
+        q = q.contiguous()  # the CUDA kernel reads q as [B, Hq, D]
+    _paged_decode_kernel(out, q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, scale, face)
+    return out
+
+
+@torch.library.custom_op("anygpt_engine::paged_decode_attention_kernel", mutates_args=("out", "part_out", "part_lse"))
+def _paged_decode_kernel(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                         block_tables: torch.Tensor, seq_lens: torch.Tensor, part_out: torch.Tensor,
+                         part_lse: torch.Tensor, scale: float, face: str) -> None:
+    params = tuning.params("attention", q.device)
+    batch, num_q_heads, head_dim = q.shape
+    num_splits = part_lse.shape[2]
     if face == "triton":
         from anygpt_engine.kernels import attention as kernels
 
         kernels.paged_decode(out, q, k_cache, v_cache, block_tables, seq_lens, scale, part_out, part_lse, num_splits,
                              num_warps=params["triton_decode_warps"])
-        return out
-    q = q.contiguous()  # the CUDA kernel reads q as [B, Hq, D]
+        return
     extension().paged_decode_attention_cuda(
         out.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
         seq_lens.data_ptr(), part_out.data_ptr(), part_lse.data_ptr(), batch, num_q_heads, k_cache.shape[2], head_dim,
         k_cache.shape[1], block_tables.shape[1], block_tables.stride(0), num_splits, scale, dtype_code("q", q),
         params["cuda_decode_threads"], cuda_stream_handle(q.device))
-    return out
+
+
+@_paged_decode_kernel.register_fake
+def _(out, q, k_cache, v_cache, block_tables, seq_lens, part_out, part_lse, scale, face):
+    return None

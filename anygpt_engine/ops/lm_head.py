@@ -61,11 +61,23 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torc
     face = _backend.choose("lm_head", x.device, backend, ("triton",), ("torch", "triton"))
     if face == "torch":
         return out.copy_(lm_head_reference(x, norm_weight, eps, weight, rows))
-    from anygpt_engine.kernels import lm_head as kernels
-
     if rows is None:
         rows = torch.tensor([0, vocab], device=x.device)
-    params = tuning.params("lm_head", x.device)
-    kernels.lm_head(out, x, norm_weight, weight, rows, float(eps), block_v=params["block_v"],
-                    block_k=params["block_k"], num_warps=params["num_warps"], num_stages=params["num_stages"])
+    _lm_head_kernel(out, x, norm_weight, weight, rows, float(eps))
     return out
+
+
+@torch.library.custom_op("anygpt_engine::lm_head_kernel", mutates_args=("out",))
+def _lm_head_kernel(out: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
+                    rows: torch.Tensor, eps: float) -> None:
+    """The Triton launch on checked arguments (registered so torch.compile and graphs see it)."""
+    from anygpt_engine.kernels import lm_head as kernels
+
+    params = tuning.params("lm_head", x.device)
+    kernels.lm_head(out, x, norm_weight, weight, rows, eps, block_v=params["block_v"], block_k=params["block_k"],
+                    num_warps=params["num_warps"], num_stages=params["num_stages"])
+
+
+@_lm_head_kernel.register_fake
+def _(out, x, norm_weight, weight, rows, eps):
+    return None

@@ -148,17 +148,18 @@ PYBIND11_MODULE(_C, m) {
         [](std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t positions, std::uintptr_t slot_mapping,
            std::uintptr_t k_cache, std::uintptr_t v_cache, std::uintptr_t inv_freq, int64_t num_tokens,
            int64_t num_q_heads, int64_t num_kv_heads, int64_t head_dim, int64_t q_token_stride,
-           int64_t k_token_stride, int64_t v_token_stride, int dtype, std::uintptr_t stream) {
+           int64_t k_token_stride, int64_t v_token_stride, int64_t num_slots, int dtype, std::uintptr_t stream) {
           raise_on_error(anygpt_rope_kv_append_cuda(
               as_pointer(q), as_pointer(k), as_pointer(v), static_cast<const int64_t*>(as_pointer(positions)),
               static_cast<const int64_t*>(as_pointer(slot_mapping)), as_pointer(k_cache), as_pointer(v_cache),
               static_cast<const float*>(as_pointer(inv_freq)), num_tokens, num_q_heads, num_kv_heads, head_dim,
-              q_token_stride, k_token_stride, v_token_stride, static_cast<anygpt_dtype>(dtype), as_pointer(stream)));
+              q_token_stride, k_token_stride, v_token_stride, num_slots, static_cast<anygpt_dtype>(dtype),
+              as_pointer(stream)));
         },
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("positions"), py::arg("slot_mapping"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("inv_freq"), py::arg("num_tokens"), py::arg("num_q_heads"),
         py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("q_token_stride"), py::arg("k_token_stride"),
-        py::arg("v_token_stride"), py::arg("dtype"), py::arg("stream"));
+        py::arg("v_token_stride"), py::arg("num_slots"), py::arg("dtype"), py::arg("stream"));
 
   m.def("sample_tokens_cuda",
         [](std::uintptr_t logits, int64_t logits_row_stride, std::uintptr_t slots, std::uintptr_t out,

@@ -55,9 +55,9 @@ extern "C" anygpt_status anygpt_maskgit_step_cuda(
     return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "maskgit_step: counter=%lld, expected 0..2^31-1", (long long)counter);
   if (!(divisor > 0.0f) || !std::isfinite(divisor))
     return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "maskgit_step: divisor=%g, expected a finite value > 0", divisor);
-  if (threads < 32 || threads > 1024 || threads % 32 != 0 || rows_per_warp < 1)
+  if (threads < 32 || threads > maskgit::kMaxThreads || threads % 32 != 0 || rows_per_warp < 1)
     return fail(ANYGPT_ERROR_INVALID_ARGUMENT,
-                "maskgit_step: threads=%d, rows_per_warp=%d, expected a multiple of 32 in 32..1024 and >= 1", threads,
+                "maskgit_step: threads=%d, rows_per_warp=%d, expected a multiple of 32 in 32..256 and >= 1", threads,
                 rows_per_warp);
   if (logits_dtype != ANYGPT_FLOAT32 && logits_dtype != ANYGPT_FLOAT16 && logits_dtype != ANYGPT_BFLOAT16)
     return fail(ANYGPT_ERROR_UNSUPPORTED_DTYPE, "maskgit_step: dtype code %d, expected float32, float16 or bfloat16",

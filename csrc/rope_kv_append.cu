@@ -94,13 +94,15 @@ extern "C" anygpt_status anygpt_rope_kv_append_cuda(void* q, const void* k, cons
                                                     const int64_t* slot_mapping, void* k_cache, void* v_cache,
                                                     const float* inv_freq, int64_t num_tokens, int64_t num_q_heads,
                                                     int64_t num_kv_heads, int64_t head_dim, int64_t q_token_stride,
-                                                    int64_t k_token_stride, int64_t v_token_stride, anygpt_dtype dtype,
-                                                    void* stream) {
+                                                    int64_t k_token_stride, int64_t v_token_stride, int64_t num_slots,
+                                                    anygpt_dtype dtype, void* stream) {
   using namespace anygpt;
   anygpt_status status = check_args(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq, num_tokens,
                                     num_q_heads, num_kv_heads, head_dim, q_token_stride, k_token_stride,
                                     v_token_stride, dtype);
   if (status != ANYGPT_OK) return status;
+  if (num_slots < 0)
+    return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "%s: num_slots=%lld, expected >= 0", kOp, (long long)num_slots);
   status = require_cuda_device(kOp);
   if (status != ANYGPT_OK) return status;
   if (num_tokens == 0) return ok();
@@ -117,6 +119,7 @@ extern "C" anygpt_status anygpt_rope_kv_append_cuda(void* q, const void* k, cons
   p.q_token_stride = q_token_stride;
   p.k_token_stride = k_token_stride;
   p.v_token_stride = v_token_stride;
+  p.num_slots = num_slots;
   p.num_q_heads = static_cast<int>(num_q_heads);
   p.num_kv_heads = static_cast<int>(num_kv_heads);
   p.head_dim = static_cast<int>(head_dim);

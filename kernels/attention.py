@@ -38,7 +38,7 @@ def _cos_sin(angle):
 
 @triton.jit
 def _rope_kv_append_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, inv_freq_ptr,
-                           q_stride, k_stride, v_stride, num_q_heads, num_kv_heads,
+                           q_stride, k_stride, v_stride, num_q_heads, num_kv_heads, num_slots,
                            HEAD_DIM: tl.constexpr, HALF: tl.constexpr, Q_HEADS: tl.constexpr,
                            KV_HEADS: tl.constexpr):
     token = tl.program_id(0).to(tl.int64)
@@ -58,8 +58,9 @@ def _rope_kv_append_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, slot_ptr, k_cache
 
     slot = tl.load(slot_ptr + token)
     kh = tl.arange(0, KV_HEADS)[:, None]
-    # slot < 0: a padding token, nothing stored.
-    kv_mask = (kh < num_kv_heads) & (j[None, :] < HALF) & ((kh * 0 + slot) >= 0)
+    # A slot outside the cache (slot < 0 marks padding) stores nothing.
+    slots = kh * 0 + slot
+    kv_mask = (kh < num_kv_heads) & (j[None, :] < HALF) & (slots >= 0) & (slots < num_slots)
     k_row = k_ptr + token * k_stride + kh * HEAD_DIM + j[None, :]
     k1 = tl.load(k_row, mask=kv_mask).to(tl.float32)
     k2 = tl.load(k_row + HALF, mask=kv_mask).to(tl.float32)
@@ -79,17 +80,18 @@ def rope_kv_append(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq,
         return
     _rope_kv_append_kernel[(tokens,)](
         q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq, q.stride(0), k.stride(0), v.stride(0),
-        num_q_heads, num_kv_heads, HEAD_DIM=head_dim, HALF=head_dim // 2,
+        num_q_heads, num_kv_heads, k_cache.shape[0] * k_cache.shape[1], HEAD_DIM=head_dim, HALF=head_dim // 2,
         Q_HEADS=triton.next_power_of_2(num_q_heads), KV_HEADS=triton.next_power_of_2(num_kv_heads),
         num_warps=num_warps)
 
 
 @triton.jit
-def _key_offsets(keys, seq, kv_head, k_start, block_tables_ptr, bt_stride, num_kv_heads, kv_token_stride,
+def _key_offsets(keys, key_mask, seq, kv_head, k_start, block_tables_ptr, bt_stride, num_kv_heads, kv_token_stride,
                  HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
-    """Element offset of key/value row `keys` (positions in the sequence) for one kv head."""
+    """Element offset of key/value row `keys` (positions in the sequence) for one kv head; the
+    block table is read only where key_mask holds (never past the row's last block)."""
     if PAGED:
-        block = tl.load(block_tables_ptr + seq * bt_stride + keys // PAGE, mask=keys >= 0, other=0)
+        block = tl.load(block_tables_ptr + seq * bt_stride + keys // PAGE, mask=key_mask, other=0)
         row = block * PAGE + keys % PAGE
         return row * (num_kv_heads * HEAD_DIM) + kv_head * HEAD_DIM
     return (k_start + keys) * kv_token_stride + kv_head * HEAD_DIM
@@ -135,8 +137,8 @@ def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr,
     for start in range(0, end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_mask = keys < kv_len
-        offs = _key_offsets(keys, seq, kv_head, k_start, block_tables_ptr, bt_stride, num_kv_heads, kv_token_stride,
-                            HEAD_DIM, PAGED, PAGE)
+        offs = _key_offsets(keys, key_mask, seq, kv_head, k_start, block_tables_ptr, bt_stride, num_kv_heads,
+                            kv_token_stride, HEAD_DIM, PAGED, PAGE)
         k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=key_mask[:, None], other=0.0)
         # float32 inputs stay float32 on tensor cores (ieee), not tf32: fp32 engines match the reference.
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -248,8 +250,8 @@ def _merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, num_splits,
 
 def paged_decode(out, q, k_cache, v_cache, block_tables, seq_lens, scale, part_out, part_lse, num_splits,
                  num_warps=4):
-    """q [B, Hq, D] (token-strided), out [B, Hq, D] contiguous; caches [blocks, page, Hkv, D]; part_out [B, Hq, splits, D] and
-    part_lse [B, Hq, splits] float32 workspaces."""
+    """q [B, Hq, D] (token-strided), out [B, Hq, D] contiguous; caches [blocks, page, Hkv, D];
+    part_out [B, Hq, splits, D] and part_lse [B, Hq, splits] float32 workspaces."""
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     if batch == 0:

@@ -39,7 +39,8 @@ def _lm_head_kernel(out_ptr, x_ptr, norm_ptr, weight_ptr, rows_ptr, batch, hidde
         xs = tl.load(x_ptr + b[:, None] * x_stride + cols[None, :], mask=b_mask[:, None] & (cols < hidden)[None, :],
                      other=0.0).to(tl.float32)
         squares += tl.sum(xs * xs, axis=1)
-    inv_rms = 1.0 / tl.sqrt(squares / hidden + eps)
+    # Correctly rounded (a GPU's tl.sqrt is approximate): the same numbers as the reference.
+    inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(squares / hidden + eps))
     acc = tl.zeros([BLOCK_B, BLOCK_V], tl.float32)
     for start in range(0, hidden, BLOCK_K):
         cols = start + k
@@ -61,7 +62,8 @@ def lm_head(out, x, norm_weight, weight, rows, eps, block_v=64, block_k=128, num
     vocab = weight.shape[0]
     if batch == 0:
         return
-    block_b = min(64, max(16, triton.next_power_of_2(batch)))
+    # At most 32 rows a program: with 64 a float32 tile no longer fits in shared memory.
+    block_b = min(32, max(16, triton.next_power_of_2(batch)))
     _lm_head_kernel[(triton.cdiv(vocab, block_v), triton.cdiv(batch, block_b))](
         out, x, norm_weight, weight, rows, batch, hidden, vocab, x.stride(0), eps,
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_K=block_k,

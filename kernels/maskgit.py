@@ -51,6 +51,7 @@ def _maskgit_step_kernel(logits_ptr, codes_ptr, open_ptr, lengths_ptr, prompt_pt
         # (Masks combine by comparison, not `&` with a scalar, which the interpreter mistypes.)
         v_live = v < tl.where(row_ok, V, 0)
         x = tl.load(logits_ptr + row * V + v, mask=v_live, other=0.0).to(tl.float32)
+        x = tl.where(x != x, float("-inf"), x)  # NaN logits lose, as in the reference
         x = tl.where(v_ok, x, -float("inf"))
         # keep-top: the largest key K with count(key >= K) >= keep is the keep-th largest value.
         key = tl.where(v_ok, _order_key(x) & key_mask, 0)
@@ -68,7 +69,7 @@ def _maskgit_step_kernel(logits_ptr, codes_ptr, open_ptr, lengths_ptr, prompt_pt
         else:
             row_key = mix32(pass_key ^ mix32(p.to(tl.uint32) + 0x27D4EB2F))
             bits = mix32(row_key + v.to(tl.uint32) * 0x165667B1)
-            u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+            u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)  # 23 bits: u < 1 in float32
         gumbel = (-tl.log(-tl.log(u.to(tl.float64) + 1e-10) + 1e-10)).to(tl.float32)
         noisy = tl.where(kept, tl.math.div_rn(x, divisor) + gumbel, -float("inf"))
         best = tl.argmax(tl.where(sampled, noisy, x), axis=0, tie_break_left=True)

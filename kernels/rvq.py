@@ -20,7 +20,7 @@ import triton.language as tl
 
 from anygpt_engine.kernels.common import round_to
 
-SAFETY = 1.25  # keep equal to ops.rvq.SAFETY
+SAFETY = tl.constexpr(1.25)  # keep equal to ops.rvq.SAFETY (a jit function reads only constexpr globals)
 
 
 @triton.jit

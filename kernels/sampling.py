@@ -93,7 +93,7 @@ def _sample_kernel(logits_ptr, logits_stride, slots_ptr, out_ptr, scratch_ptr,
                     prefix = tl.zeros((), tl.uint32)
                     window = tl.zeros((), tl.uint32)
                     for step in tl.static_range(32 // RADIX_BITS):
-                        shift: tl.constexpr = 32 - RADIX_BITS * (step + 1)
+                        shift = 32 - RADIX_BITS * (step + 1)  # (a constexpr may not be re-bound per step)
                         ge = tl.zeros((NB,), tl.int32)
                         for start in range(0, V, BLOCK):
                             v = start + offs
@@ -118,7 +118,7 @@ def _sample_kernel(logits_ptr, logits_stride, slots_ptr, out_ptr, scratch_ptr,
                     prefix = tl.zeros((), tl.uint32)
                     window = tl.zeros((), tl.uint32)
                     for step in tl.static_range(32 // RADIX_BITS):
-                        shift: tl.constexpr = 32 - RADIX_BITS * (step + 1)
+                        shift = 32 - RADIX_BITS * (step + 1)  # (a constexpr may not be re-bound per step)
                         ge = tl.zeros((NB,), tl.float32)
                         for start in range(0, V, BLOCK):
                             v = start + offs

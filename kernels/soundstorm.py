@@ -63,7 +63,7 @@ def _layer_norm(s, live, weight_ptr, bias_ptr, d, dim, eps):
     """LayerNorm of a float32 row (entries outside `live` are ignored and come back as 0)."""
     mean = tl.sum(tl.where(live, s, 0.0), axis=0) / dim
     diff = tl.where(live, s - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(diff * diff, axis=0) / dim + eps)
+    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.sum(diff * diff, axis=0) / dim + eps))  # correctly rounded
     w = tl.load(weight_ptr + d, mask=live, other=0.0).to(tl.float32)
     b = tl.load(bias_ptr + d, mask=live, other=0.0).to(tl.float32)
     return diff * rstd * w + b
@@ -148,7 +148,7 @@ def _dwconv_norm_kernel(out_ptr, g_ptr, weight_ptr, w_stride_c, w_stride_k, bias
     mean = tl.sum(h, axis=1) / channels
     diff = tl.where(c_live[None, :], h - mean[:, None], 0.0)
     var = tl.sum(diff * diff, axis=1) / channels
-    rstd = 1.0 / tl.sqrt(tl.maximum(var, eps))
+    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.maximum(var, eps)))  # correctly rounded
     gamma = tl.load(gamma_ptr + c, mask=c_live, other=0.0).to(tl.float32)
     y = diff * rstd[:, None] * gamma[None, :]
     store_mask = (t < frames)[:, None] & c_live[None, :]

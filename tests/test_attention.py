@@ -218,12 +218,12 @@ def test_rope_kv_append(backend, dtype, heads, head_dim, tokens):
     assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all(), "wrote outside its slots"
 
 
-def test_rope_faces_agree_and_skip_negative_slots():
+def test_rope_faces_agree_and_skip_slots_outside_the_cache():
     g = torch.Generator().manual_seed(0)
     q = _rand((5, 4, 64), torch.float32, g)
     k, v = _rand((5, 2, 64), torch.float32, g), _rand((5, 2, 64), torch.float32, g)
     positions = torch.tensor([0, 1, 2, 700, 3], device=DEV)
-    slots = torch.tensor([3, -1, 17, 0, -1], device=DEV)
+    slots = torch.tensor([3, -1, 17, 0, 32], device=DEV)  # -1 padding, 32 past the 2 x 16 slots
     inv_freq = (1.0 / 10000 ** (torch.arange(32, dtype=torch.float32) / 32)).to(DEV)
     results = []
     for backend in ("torch", "triton"):

@@ -43,7 +43,8 @@ def _rope_args(**overrides):
     ptr = buf.data_ptr()
     args = dict(q=ptr, k=ptr, v=ptr, positions=ptr, slot_mapping=ptr, k_cache=ptr, v_cache=ptr, inv_freq=ptr,
                 num_tokens=3, num_q_heads=4, num_kv_heads=2, head_dim=64, q_token_stride=8 * 64,
-                k_token_stride=8 * 64, v_token_stride=8 * 64, dtype=DTYPE_CODES[torch.float16], stream=0)
+                k_token_stride=8 * 64, v_token_stride=8 * 64, num_slots=64, dtype=DTYPE_CODES[torch.float16],
+                stream=0)
     args.update(overrides)
     return args, buf
 
@@ -62,7 +63,8 @@ def test_bindings_exist_with_documented_argument_names():
         "scale", "dtype", "threads", "stream"]
     assert _parameter_names(ext.rope_kv_append_cuda) == [
         "q", "k", "v", "positions", "slot_mapping", "k_cache", "v_cache", "inv_freq", "num_tokens", "num_q_heads",
-        "num_kv_heads", "head_dim", "q_token_stride", "k_token_stride", "v_token_stride", "dtype", "stream"]
+        "num_kv_heads", "head_dim", "q_token_stride", "k_token_stride", "v_token_stride", "num_slots", "dtype",
+        "stream"]
 
 
 def test_without_cuda_build_the_stubs_report_it():
@@ -132,6 +134,7 @@ ROPE_BAD = [
     (dict(q_token_stride=255), ValueError, r"q_token_stride=255, expected >= num_q_heads \* head_dim = 256"),
     (dict(k_token_stride=127), ValueError, r"k_token_stride=127, expected >= num_kv_heads \* head_dim = 128"),
     (dict(v_token_stride=0), ValueError, r"v_token_stride=0"),
+    (dict(num_slots=-1), ValueError, r"num_slots=-1, expected >= 0"),
     (dict(dtype=3), TypeError, r"dtype code 3, expected float32, float16 or bfloat16"),
     (dict(q=0), ValueError, r"q is a null pointer"),
     (dict(slot_mapping=0), ValueError, r"slot_mapping is a null pointer"),
@@ -292,7 +295,8 @@ def test_rope_kv_append_matches_reference(dtype, head_dim, pad):
     k = qkv[:, hq * head_dim:(hq + hkv) * head_dim]
     v = qkv[:, (hq + hkv) * head_dim:(hq + 2 * hkv) * head_dim]
     positions = torch.tensor([0, 1, 5, 17, 100, 4095, 16383, 70000, 3], dtype=torch.int64, device="cuda")
-    slot_mapping = torch.tensor([3, 0, 39, 7, -1, 12, 25, 30, 1], dtype=torch.int64, device="cuda")
+    # -1 is padding and 40 is past the cache: both skip their cache writes.
+    slot_mapping = torch.tensor([3, 0, 39, 7, -1, 12, 25, 40, 1], dtype=torch.int64, device="cuda")
     inv_freq = (1.0 / (10000.0 ** (torch.arange(0, head_dim // 2, dtype=torch.float32) / (head_dim // 2)))).cuda()
     k_cache = poison(torch.empty(slots, hkv, head_dim, dtype=dtype, device="cuda"))
     v_cache = poison(torch.empty_like(k_cache))
@@ -301,7 +305,7 @@ def test_rope_kv_append_matches_reference(dtype, head_dim, pad):
 
     _ext().rope_kv_append_cuda(q.data_ptr(), k.data_ptr(), v.data_ptr(), positions.data_ptr(),
                                slot_mapping.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), inv_freq.data_ptr(),
-                               tokens, hq, hkv, head_dim, qkv.stride(0), qkv.stride(0), qkv.stride(0),
+                               tokens, hq, hkv, head_dim, qkv.stride(0), qkv.stride(0), qkv.stride(0), slots,
                                DTYPE_CODES[dtype], torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
 
@@ -310,7 +314,7 @@ def test_rope_kv_append_matches_reference(dtype, head_dim, pad):
     # Same float32 formula and one rounding: equal up to a last-ulp difference in cos/sin.
     tol = {torch.float32: 1e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
     torch.testing.assert_close(q.view(tokens, hq, head_dim).float(), q_expected.float(), rtol=tol, atol=tol)
-    keep = slot_mapping >= 0
+    keep = (slot_mapping >= 0) & (slot_mapping < slots)
     torch.testing.assert_close(k_cache[slot_mapping[keep]].float(), k_expected[keep].float(), rtol=tol, atol=tol)
     assert torch.equal(v_cache[slot_mapping[keep]], v_before[keep])  # bit-exact copy
     assert torch.equal(k.view(tokens, hkv, head_dim), k_before)  # k itself is not modified

@@ -119,7 +119,7 @@ def test_bad_arguments_raise_clearly():
         ops.maskgit_step(logits[:, :14], codes, open_mask, lengths, prompt, counts, seeds, **call)
     with pytest.raises(ValueError, match=r"codes: shape \(3, 5, 3\), dtype torch.int32"):
         ops.maskgit_step(logits, codes.int(), open_mask, lengths, prompt, counts, seeds, **call)
-    with pytest.raises(ValueError, match=r"counts: shape \(2,\), dtype torch.int64: expected int64 \[3\]"):
+    with pytest.raises(ValueError, match=r"counts: shape \(2,\), dtype torch.int64: expected a contiguous int64 \[3\]"):
         ops.maskgit_step(logits, codes, open_mask, lengths, prompt, counts[:2], seeds, **call)
     with pytest.raises(ValueError, match=r"temperature=-1, expected a finite number >= 0"):
         ops.maskgit_step(logits, codes, open_mask, lengths, prompt, counts, seeds, **{**call, "temperature": -1})

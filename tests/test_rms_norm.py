@@ -71,6 +71,14 @@ def test_strided_rows(face):
 
 
 @pytest.mark.parametrize("face", ["torch", *CPU_FACES])
+def test_broadcast_rows(face):
+    _, _, w = _inputs((1, 40), torch.float32)
+    row = torch.randn(1, 40)
+    expected, _ = ops.rms_norm_reference(row.expand(6, 40).contiguous(), w, 1e-5)
+    _close(ops.rms_norm(row.expand(6, 40), w, 1e-5, backend=face), expected, torch.float32)
+
+
+@pytest.mark.parametrize("face", ["torch", *CPU_FACES])
 def test_empty_rows(face):
     x = torch.empty(0, 64)
     assert ops.rms_norm(x, torch.ones(64), 1e-5, backend=face).shape == (0, 64)

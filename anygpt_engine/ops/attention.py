@@ -31,6 +31,10 @@ from anygpt_engine.ops._extension import FLOAT_TYPES, check_tensor, cuda_stream_
 
 
 
+CUDA_DECODE_HEAD_DIMS = (64, 128)  # the CUDA decode kernel's instantiations (Triton takes any)
+CUDA_DECODE_BLOCK_SIZES = (8, 16, 32, 64)
+
+
 # -- argument checks -----------------------------------------------------------------------------
 def _heads_view(name, t):
     """A [tokens, heads, head_dim] view whose heads and elements are contiguous."""
@@ -61,6 +65,8 @@ def _index(name, t, length, device):
     check_tensor(name, t, 1, (torch.int64,), device)
     if t.shape[0] != length:
         raise ValueError(f"{name}.shape={tuple(t.shape)}, expected ({length},)")
+    if length > 1 and t.stride(0) != 1:  # the kernels index it as a plain array
+        raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
 
 
 # -- RoPE + KV append ----------------------------------------------------------------------------
@@ -74,15 +80,16 @@ def rope_kv_append_reference(q, k, v, positions, slot_mapping, k_cache, v_cache,
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     q.copy_(rotate(q))
-    rows = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
-    k_rot = rotate(k)
-    if slot_mapping.numel() and bool((slot_mapping < 0).any()):  # host check: padding tokens present
-        keep = slot_mapping >= 0
-        rows[0][slot_mapping[keep]] = k_rot[keep]
-        rows[1][slot_mapping[keep]] = v[keep]
-        return
-    rows[0].index_copy_(0, slot_mapping, k_rot)
-    rows[1].index_copy_(0, slot_mapping, v.contiguous())
+    # Graph-safe skipping of slots outside the cache: they write to slot 0, whose value is then
+    # restored (or set by the first valid token that really targets it).
+    valid = (slot_mapping >= 0) & (slot_mapping < k_cache.shape[0] * k_cache.shape[1])
+    slots = torch.where(valid, slot_mapping, 0)
+    hits_zero = valid & (slots == 0)
+    for cache, new in ((k_cache, rotate(k)), (v_cache, v)):
+        rows = cache.view(-1, *cache.shape[2:])
+        slot_zero = torch.where(hits_zero.any(), new[hits_zero.int().argmax()], rows[0])
+        rows.index_copy_(0, slots, new.contiguous())
+        rows[0] = slot_zero
 
 
 def rope_kv_append(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq, *, backend=None) -> None:
@@ -130,7 +137,8 @@ def _rope_kv_append_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     extension().rope_kv_append_cuda(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), positions.data_ptr(), slot_mapping.data_ptr(),
         k_cache.data_ptr(), v_cache.data_ptr(), inv_freq.data_ptr(), tokens, num_q_heads, k.shape[1], head_dim,
-        q.stride(0), k.stride(0), v.stride(0), dtype_code("q", q), cuda_stream_handle(q.device))
+        q.stride(0), k.stride(0), v.stride(0), k_cache.shape[0] * k_cache.shape[1], dtype_code("q", q),
+        cuda_stream_handle(q.device))
 
 
 @_rope_kv_append_kernel.register_fake
@@ -236,10 +244,12 @@ def _varlen_attention_kernel(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     from anygpt_engine.kernels import attention as kernels
 
     params = tuning.params("attention", q.device)
+    fp32 = q.dtype == torch.float32  # float32 tiles are twice the size: smaller ones keep them in registers
     kernels.varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, kv_lens=kv_lens,
-                             block_tables=block_tables, cu_seqlens_k=cu_seqlens_k, block_m=params["prefill_block_m"],
+                             block_tables=block_tables, cu_seqlens_k=cu_seqlens_k,
+                             block_m=params["prefill_fp32_block_m" if fp32 else "prefill_block_m"],
                              block_n=params["prefill_block_n"], num_warps=params["prefill_warps"],
-                             num_stages=params["prefill_stages"])
+                             num_stages=params["prefill_fp32_stages" if fp32 else "prefill_stages"])
 
 
 @_varlen_attention_kernel.register_fake
@@ -295,11 +305,16 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     if out is None:
         out = torch.empty((batch, num_q_heads, head_dim), dtype=q.dtype, device=q.device)
-    elif out.shape != (batch, num_q_heads, head_dim) or out.dtype != q.dtype or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous ({batch}, {num_q_heads}, {head_dim}) {q.dtype} tensor")
+    elif (out.shape != (batch, num_q_heads, head_dim) or out.dtype != q.dtype or out.device != q.device
+          or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous ({batch}, {num_q_heads}, {head_dim}) {q.dtype} tensor on "
+                         f"{q.device}")
     params = tuning.params("attention", q.device)
     context = block_tables.shape[1] * k_cache.shape[1]
-    face = _backend.choose("paged_decode_attention", q.device, backend, decode_face_order(batch, context, params),
+    faces = decode_face_order(batch, context, params)
+    if head_dim not in CUDA_DECODE_HEAD_DIMS or k_cache.shape[1] not in CUDA_DECODE_BLOCK_SIZES:
+        faces = tuple(f for f in faces if f != "cuda")  # outside the CUDA kernel's instantiations
+    face = _backend.choose("paged_decode_attention", q.device, backend, faces,
                            ("torch", "triton", "cuda"))
     if face == "torch":
         return out.copy_(paged_decode_attention_reference(q, k_cache, v_cache, block_tables, seq_lens, scale))

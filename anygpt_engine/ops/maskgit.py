@@ -35,7 +35,7 @@ import torch
 from anygpt_engine import tuning
 from anygpt_engine.ops import backend as _backend
 from anygpt_engine.ops._extension import cuda_stream_handle, dtype_code, extension
-from anygpt_engine.sampling import MASK32, hash32
+from anygpt_engine.sampling import MASK32, hash32, unit_interval
 
 _SUPPORTED = ("torch", "triton", "cuda")
 _PREFERRED_ON_GPU = ("cuda", "triton")
@@ -58,8 +58,7 @@ def maskgit_uniform(seeds: torch.Tensor, counter: int, positions: int, codebook_
     row = hash32(pass_key.view(-1, 1) ^ hash32(p + 0x27D4EB2F).view(1, -1))
     v = torch.arange(codebook_size, device=seeds.device, dtype=torch.int64)
     bits = hash32(row.unsqueeze(-1) + v * 0x165667B1)
-    # 24 random bits, centred in their bucket: never 0 or 1.
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return unit_interval(bits)  # 23 bits: never 0 or 1 in float32 (see sampling.unit_interval)
 
 
 # -- the reference ----------------------------------------------------------------------------
@@ -80,6 +79,7 @@ def maskgit_step_reference(logits, codes, open_mask, lengths, prompt_lengths, co
     b, n, q = codes.shape
     v = logits.shape[-1]
     x = logits.float()
+    x = x.masked_fill(x.isnan(), -math.inf)  # NaN logits lose, in every face
     kept = keep_top(x, keep)
     if uniform is None:
         uniform = maskgit_uniform(seeds, counter, n * q, v)
@@ -127,8 +127,8 @@ def _check(logits, codes, open_mask, lengths, prompt_lengths, counts, seeds, cou
     if logits.dim() != 3 or logits.shape[:2] != (b, n * q) or logits.shape[2] < 1 or not logits.is_contiguous():
         raise ValueError(f"logits.shape={tuple(logits.shape)}, expected contiguous [B, N*Q, V] = [{b}, {n * q}, V]")
     for name, t in (("lengths", lengths), ("prompt_lengths", prompt_lengths), ("counts", counts), ("seeds", seeds)):
-        if t.shape != (b,) or t.dtype != torch.int64:
-            raise ValueError(f"{name}: shape {tuple(t.shape)}, dtype {t.dtype}: expected int64 [{b}]")
+        if t.shape != (b,) or t.dtype != torch.int64 or not t.is_contiguous():
+            raise ValueError(f"{name}: shape {tuple(t.shape)}, dtype {t.dtype}: expected a contiguous int64 [{b}]")
     v = logits.shape[2]
     if isinstance(keep, bool) or not isinstance(keep, int) or not 1 <= keep <= v:
         raise ValueError(f"keep={keep!r}, expected an int in [1, {v}] (the codebook size)")

@@ -62,9 +62,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     if x.stride(-1) != 1:
         x = x.contiguous()
     try:
-        return x.view(-1, hidden)
+        rows = x.view(-1, hidden)
     except RuntimeError:  # leading dims not collapsible
         return x.contiguous().view(-1, hidden)
+    # Rows closer than a row apart (a broadcast x) are copied: the kernels read whole rows.
+    return rows if rows.shape[0] <= 1 or rows.stride(0) >= hidden else rows.contiguous()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None,

@@ -91,8 +91,8 @@ def _check(logits, slots, state, constraint, work, out):
     if logits.device != device:
         raise ValueError(f"logits is on {logits.device}, expected {device} like the sampling state")
     b = logits.shape[0]
-    if slots.dtype != torch.int64 or slots.shape != (b,):
-        raise ValueError(f"slots: shape {tuple(slots.shape)}, dtype {slots.dtype}: expected int64 [{b}] "
+    if slots.dtype != torch.int64 or slots.shape != (b,) or not slots.is_contiguous():
+        raise ValueError(f"slots: shape {tuple(slots.shape)}, dtype {slots.dtype}: expected a contiguous int64 [{b}] "
                          "(one state slot per logits row)")
     if slots.device != device:
         raise ValueError(f"slots is on {slots.device}, expected {device} like the sampling state")

@@ -121,8 +121,8 @@ anygpt_status anygpt_rope_kv_append_cuda(void* q, const void* k, const void* v, 
                                          const int64_t* slot_mapping, void* k_cache, void* v_cache,
                                          const float* inv_freq, int64_t num_tokens, int64_t num_q_heads,
                                          int64_t num_kv_heads, int64_t head_dim, int64_t q_token_stride,
-                                         int64_t k_token_stride, int64_t v_token_stride, anygpt_dtype dtype,
-                                         void* stream);
+                                         int64_t k_token_stride, int64_t v_token_stride, int64_t num_slots,
+                                         anygpt_dtype dtype, void* stream);
 
 // Fused sampling (contract: anygpt_engine/ops/sampling.py) on a CUDA stream, one launch, no host
 // sync: for each of `batch` rows, logits [batch, vocab] float32 (rows `logits_row_stride` apart)

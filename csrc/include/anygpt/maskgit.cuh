@@ -84,7 +84,8 @@ __device__ __forceinline__ void step_row(const T* __restrict__ logits, const Arg
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) {
     const int v = j * 32 + lane;
-    x[j] = v < a.codebook ? to_float(x_row[v]) : -INFINITY;
+    const float value = v < a.codebook ? to_float(x_row[v]) : -INFINITY;
+    x[j] = value != value ? -INFINITY : value;  // NaN logits lose, as in the reference
     key[j] = v < a.codebook ? (order_key(x[j]) & key_mask) : 0u;
   }
   // keep-top: the largest K with count(key >= K) >= keep is the keep-th largest key.
@@ -134,7 +135,8 @@ __device__ __forceinline__ void step_row(const T* __restrict__ logits, const Arg
           u = a.uniform[row * a.codebook + v];
         } else {
           const uint32_t bits = mix32(row_key + static_cast<uint32_t>(v) * 0x165667B1u);
-          u = (static_cast<float>(bits >> 8) + 0.5f) * (1.0f / 16777216.0f);
+          // 23 bits: with 24 the top value rounds to 1.0f and the Gumbel noise becomes NaN.
+          u = (static_cast<float>(bits >> 9) + 0.5f) * (1.0f / 8388608.0f);
         }
         const float gumbel = static_cast<float>(-log(-log(static_cast<double>(u) + 1e-10) + 1e-10));
         y = __fdiv_rn(x[j], a.divisor) + gumbel;
@@ -241,8 +243,11 @@ __device__ __forceinline__ void select_and_remask(const Args& a, int64_t item, i
   }
 }
 
+// Up to 128 registers per thread (32 values per lane): blocks of at most 256 threads always fit.
+constexpr int kMaxThreads = 256;
+
 template <typename T, int kPerLane>
-__global__ void step_kernel(const T* __restrict__ logits, Args a) {
+__global__ void __launch_bounds__(kMaxThreads) step_kernel(const T* __restrict__ logits, Args a) {
   __shared__ bool last;
   const int64_t item = blockIdx.y;
   const int warps = blockDim.x / 32, warp = threadIdx.x / 32;

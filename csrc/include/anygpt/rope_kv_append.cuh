@@ -17,7 +17,8 @@
 //  - The rotation is computed with explicitly rounded float32 multiplies and adds (no FMA
 //    contraction), so the result equals a float32 reference that computes x1*c - x2*s and
 //    x2*c + x1*s, then rounds once to the dtype. V is copied bit for bit.
-//  - slot_mapping[i] < 0 (padding) skips both cache writes of token i; q is still rotated.
+//  - a slot outside [0, num_slots) (slot < 0 marks padding) skips both cache writes of token i;
+//    q is still rotated.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -36,13 +37,14 @@ struct Params {
   const void* k;
   const void* v;
   const int64_t* positions;     // [num_tokens]
-  const int64_t* slot_mapping;  // [num_tokens]; < 0: no cache write
+  const int64_t* slot_mapping;  // [num_tokens]; outside [0, num_slots): no cache write
   void* k_cache;                // [slots, Hkv, head_dim]
   void* v_cache;
   const float* inv_freq;        // [head_dim / 2]
   int64_t q_token_stride;
   int64_t k_token_stride;
   int64_t v_token_stride;
+  int64_t num_slots;  // cache rows: a slot past them is skipped, never written out of bounds
   int num_q_heads;
   int num_kv_heads;
   int head_dim;
@@ -114,9 +116,10 @@ __global__ void __launch_bounds__(kThreads) rope_kv_append_kernel(const Params p
   const int total_rows = p.num_q_heads + 2 * p.num_kv_heads;
   if (row >= total_rows) return;
   const int64_t slot = p.slot_mapping[token];
+  const bool store = slot >= 0 && slot < p.num_slots;
 
   if (row >= p.num_q_heads + p.num_kv_heads) {  // v row: copy to the cache
-    if (slot < 0) return;
+    if (!store) return;
     const int h = row - p.num_q_heads - p.num_kv_heads;
     const T* src = static_cast<const T*>(p.v) + token * p.v_token_stride + h * p.head_dim;
     T* dst = static_cast<T*>(p.v_cache) + (slot * p.num_kv_heads + h) * p.head_dim;
@@ -132,7 +135,7 @@ __global__ void __launch_bounds__(kThreads) rope_kv_append_kernel(const Params p
     src = q_row;
     dst = q_row;
   } else {  // k row: rotated into the cache
-    if (slot < 0) return;
+    if (!store) return;
     const int h = row - p.num_q_heads;
     src = static_cast<const T*>(p.k) + token * p.k_token_stride + h * p.head_dim;
     dst = static_cast<T*>(p.k_cache) + (slot * p.num_kv_heads + h) * p.head_dim;

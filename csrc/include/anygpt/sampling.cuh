@@ -161,6 +161,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(Args a) {
   __shared__ int count_total[kBins];
   __shared__ float mass_total[kBins];
   __shared__ int cand_count;
+  __shared__ int warp_taken[kThreads / 32];
 
   const int64_t row = blockIdx.x;
   const int64_t vocab = a.vocab;
@@ -243,24 +244,30 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(Args a) {
         window |= static_cast<uint32_t>(kBins - 1) << shift;
         if (src.count < 0 && step + 1 < kPasses && lower_count <= kCandidates) {
           // Compact the keys >= prefix (every later survivor) into shared memory.
+          // Candidates land in vocabulary order (a scan over the warps, no atomics), so the
+          // float sums of top-p below add them in the same order on every call and replay.
           if (threadIdx.x == 0) cand_count = 0;
           __syncthreads();
-          const int lane = threadIdx.x % 32;
+          const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
           for (int64_t base = 0; base < vocab; base += kThreads) {
             const int64_t v = base + threadIdx.x;
             const float s = v < vocab ? __ldcg(s_row + v) : -INFINITY;
             const bool take = v < vocab && order_key(s) >= prefix;
             const unsigned ballot = __ballot_sync(0xffffffffu, take);
-            int slot0 = 0;
-            if (lane == 0 && ballot) slot0 = atomicAdd(&cand_count, __popc(ballot));
-            slot0 = __shfl_sync(0xffffffffu, slot0, 0);
+            if (lane == 0) warp_taken[warp] = __popc(ballot);
+            __syncthreads();
             if (take) {
-              const int at = slot0 + __popc(ballot & ((1u << lane) - 1u));
+              int at = cand_count + __popc(ballot & ((1u << lane) - 1u));
+              for (int w = 0; w < warp; ++w) at += warp_taken[w];
               cand_s[at] = s;
               cand_v[at] = static_cast<int>(v);
             }
+            __syncthreads();
+            if (threadIdx.x == 0) {
+              for (int w = 0; w < kThreads / 32; ++w) cand_count += warp_taken[w];
+            }
+            __syncthreads();
           }
-          __syncthreads();
           src.count = cand_count;
         }
       }

@@ -244,12 +244,12 @@ def _varlen_attention_kernel(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     from anygpt_engine.kernels import attention as kernels
 
     params = tuning.params("attention", q.device)
-    fp32 = q.dtype == torch.float32  # float32 tiles are twice the size: smaller ones keep them in registers
+    # float32 tiles (no tensor-core path) need smaller blocks to stay in registers.
+    tile = "prefill_fp32_" if q.dtype == torch.float32 else "prefill_"
     kernels.varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, kv_lens=kv_lens,
-                             block_tables=block_tables, cu_seqlens_k=cu_seqlens_k,
-                             block_m=params["prefill_fp32_block_m" if fp32 else "prefill_block_m"],
-                             block_n=params["prefill_block_n"], num_warps=params["prefill_warps"],
-                             num_stages=params["prefill_fp32_stages" if fp32 else "prefill_stages"])
+                             block_tables=block_tables, cu_seqlens_k=cu_seqlens_k, block_m=params[tile + "block_m"],
+                             block_n=params[tile + "block_n"], num_warps=params["prefill_warps"],
+                             num_stages=params[tile + "stages"])
 
 
 @_varlen_attention_kernel.register_fake

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from anygpt_engine.runtime.kv_cache import BlockManager, PagedKVCache
-from anygpt_engine.runtime.scheduler import Request, Scheduler
+from anygpt_engine.runtime.scheduler import Request, Scheduler, TokenView
 from anygpt_engine.sampling import SamplingParams
 
 BS = 4
@@ -74,6 +74,19 @@ class BlockPoolMachine(RuleBasedStateMachine):
 
 TestBlockPool = BlockPoolMachine.TestCase
 TestBlockPool.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 9), max_size=6), st.lists(st.integers(0, 9), max_size=6), st.integers(-8, 8),
+       st.integers(-8, 8), st.sampled_from([None, 1, 2, -1]))
+def test_token_view_behaves_like_the_concatenated_list(head, tail, start, stop, step):
+    view, full = TokenView(head, tail), head + tail
+    assert len(view) == len(full) and list(view) == full
+    assert view[start:stop:step] == full[start:stop:step]
+    for i in range(-len(full), len(full)):
+        assert view[i] == full[i]
+    with pytest.raises(IndexError):
+        view[len(full)]
 
 
 def test_identical_prefixes_share_full_blocks():

@@ -12,10 +12,34 @@ A request keeps one sampling slot from admission to its end, preemption included
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from anygpt_engine.runtime.kv_cache import BlockManager
 from anygpt_engine.sampling import SamplingParams
+
+
+class TokenView(Sequence):
+    """Read-only concatenation of two lists: len() and indexing cost O(1), a slice only its span."""
+
+    def __init__(self, head: list[int], tail: list[int]):
+        self.head, self.tail = head, tail
+
+    def __len__(self) -> int:
+        return len(self.head) + len(self.tail)
+
+    def __getitem__(self, index):
+        n = len(self.head)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(start, stop, step)]
+            return self.head[start:min(stop, n)] + self.tail[max(start - n, 0):max(stop - n, 0)]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.head[index] if index < n else self.tail[index - n]
 
 
 @dataclass
@@ -36,8 +60,9 @@ class Request:
     finish_reason: str | None = None
 
     @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
+    def tokens(self) -> "TokenView":
+        """prompt + output, without copying either (decode steps ask for it per request)."""
+        return TokenView(self.prompt, self.output)
 
     def __lt__(self, other: "Request") -> bool:  # waiting queue order
         return self.arrival < other.arrival

@@ -92,7 +92,7 @@ def bench_decode(rows, quick, dtype):
             for name, t in times.items():
                 rows.append(dict(kind="decode", impl=name, batch=b, context=ctx, median_ms=t * 1e3,
                                  tb_s=moved / t / 1e12, vs_sdpa=times["sdpa_contiguous"] / t))
-            del k, v, k_cache, v_cache
+            k = v = k_cache = v_cache = None  # free this shape before the next
 
 
 def main():

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from anygpt_engine.ops import attention as A
 from conftest import HAS_GPU, poison

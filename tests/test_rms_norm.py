@@ -27,7 +27,7 @@ def _close(actual, expected, dtype):
 
 
 def test_reference_matches_hf_llama_rmsnorm():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16):

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from anygpt_engine import SoundStorm, SoundStormConfig, ops
-from conftest import HAS_GPU
 
 SMALL = SoundStormConfig(dim=32, depth=2, heads=2, dim_head=16, conv_kernel_size=5, num_quantizers=3,
                          codebook_size=16)

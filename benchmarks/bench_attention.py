@@ -1,7 +1,7 @@
 """Attention kernels against torch's SDPA (and flash-attn when importable), in the same run.
 
-Prefill: causal, d = 128, 32 heads, one sequence of S = 512..8192 tokens (paged K/V for the
-engine's kernel, contiguous for the peers): TFLOP/s = 4 * S^2 * H * D / 2 / time.
+Prefill: causal, d = 128, 32 heads, one sequence of S = 512..8192 tokens (the engine's kernel
+over paged K/V, as the backbone runs it, and over packed K/V; contiguous for the peers): TFLOP/s = 4 * S^2 * H * D / 2 / time.
 Decode: B = 1..64, context 512..16384, 32 q heads / 32 kv heads, d = 128, block 16: achieved
 TB/s = K/V bytes read / time; the peer is SDPA over the same K/V stored contiguously.
 
@@ -51,6 +51,8 @@ def bench_prefill(rows, quick, dtype):
         times = {
             "engine_triton": _time(lambda: A.varlen_attention(q, k_cache, v_cache, cu, s, kv_lens=lens,
                                                                 block_tables=table, backend="triton")),
+            "engine_triton_packed": _time(lambda: A.varlen_attention(q, k, v, cu, s, cu_seqlens_k=cu,
+                                                                       backend="triton")),
             "sdpa": _time(lambda: F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                                                  v.transpose(0, 1)[None], is_causal=True)),
         }

@@ -87,25 +87,72 @@ def rope_kv_append(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq,
 
 @triton.jit
 def _key_offsets(keys, key_mask, seq, kv_head, k_start, block_tables_ptr, bt_stride, num_kv_heads, kv_token_stride,
-                 HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr):
+                 HEAD_DIM: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, MASKED: tl.constexpr):
     """Element offset of key/value row `keys` (positions in the sequence) for one kv head; the
     block table is read only where key_mask holds (never past the row's last block)."""
     if PAGED:
-        block = tl.load(block_tables_ptr + seq * bt_stride + keys // PAGE, mask=key_mask, other=0)
+        if MASKED:
+            block = tl.load(block_tables_ptr + seq * bt_stride + keys // PAGE, mask=key_mask, other=0)
+        else:
+            block = tl.load(block_tables_ptr + seq * bt_stride + keys // PAGE)
         row = block * PAGE + keys % PAGE
         return row * (num_kv_heads * HEAD_DIM) + kv_head * HEAD_DIM
     return (k_start + keys) * kv_token_stride + kv_head * HEAD_DIM
 
 
 @triton.jit
+def _attend_keys(acc, m, l, q, q_pos, row_mask, k_ptr, v_ptr, first, last, kv_len, seq, kv_head, k_start,
+                 block_tables_ptr, bt_stride, num_kv_heads, kv_token_stride, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
+                 CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online softmax over keys [first, last) in BLOCK_N steps. MASKED=False is the hot loop:
+    the caller guarantees every key is in range and visible to every row, so there are no
+    masks, and m is finite after the first step (no -inf guard)."""
+    d = tl.arange(0, HEAD_DIM)
+    for start in range(first, last, BLOCK_N):
+        keys = start + tl.arange(0, BLOCK_N)
+        key_mask = keys < kv_len
+        offs = _key_offsets(keys, key_mask, seq, kv_head, k_start, block_tables_ptr, bt_stride, num_kv_heads,
+                            kv_token_stride, HEAD_DIM, PAGED, PAGE, MASKED)
+        if MASKED:
+            k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=key_mask[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptr + offs[:, None] + d[None, :])
+        # float32 inputs stay float32 on tensor cores (ieee), not tf32: fp32 engines match the reference.
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = key_mask[None, :] & row_mask[:, None]
+            if CAUSAL:
+                visible &= keys[None, :] <= q_pos[:, None]
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            # Rows that have seen no key yet keep m = -inf; shift by 0 there to avoid inf - inf.
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            shift = m_new
+        p = tl.exp2(s - shift[:, None])
+        alpha = tl.exp2(m - shift)
+        l = l * alpha + tl.sum(p, axis=1)
+        if MASKED:
+            v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=key_mask[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptr + offs[:, None] + d[None, :])
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m = m_new
+    return acc, m, l
+
+
+@triton.jit
 def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr, cu_k_ptr, block_tables_ptr,
                              q_stride, out_stride, kv_token_stride, bt_stride, num_q_heads, num_kv_heads, scale,
-                             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             num_tiles, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
                              PADDED_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    tile = tl.program_id(0)
-    seq = tl.program_id(1).to(tl.int64)
-    head = tl.program_id(2)
+    head = tl.program_id(0)
+    # Causal tiles further down a run see more keys: launch them first so the last wave is short.
+    tile = num_tiles - 1 - tl.program_id(1)
+    seq = tl.program_id(2).to(tl.int64)
     kv_head = head // (num_q_heads // num_kv_heads)
     q_start = tl.load(cu_q_ptr + seq).to(tl.int64)
     q_len = tl.load(cu_q_ptr + seq + 1) - q_start
@@ -131,30 +178,20 @@ def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr,
     l = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     qk_scale = scale * 1.4426950408889634  # exp2 domain
-    end = kv_len
     if CAUSAL:
-        end = tl.minimum(kv_len, kv_len - q_len + (tile + 1) * BLOCK_M)
-    for start in range(0, end, BLOCK_N):
-        keys = start + tl.arange(0, BLOCK_N)
-        key_mask = keys < kv_len
-        offs = _key_offsets(keys, key_mask, seq, kv_head, k_start, block_tables_ptr, bt_stride, num_kv_heads,
-                            kv_token_stride, HEAD_DIM, PAGED, PAGE)
-        k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=key_mask[:, None], other=0.0)
-        # float32 inputs stay float32 on tensor cores (ieee), not tf32: fp32 engines match the reference.
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        visible = key_mask[None, :] & row_mask[:, None]
-        if CAUSAL:
-            visible &= keys[None, :] <= q_pos[:, None]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        # Rows that have seen no key yet keep m = -inf; shift by 0 there to avoid inf - inf.
-        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - shift[:, None])
-        alpha = tl.exp2(m - shift)
-        l = l * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=key_mask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m = m_new
+        # Keys 0..q_pos[first row] are visible to every row of the tile; the rest up to the last
+        # row's position form the diagonal band.
+        full = tl.maximum(kv_len - q_len + tile * BLOCK_M + 1, 0) // BLOCK_N * BLOCK_N
+        end = kv_len - q_len + tl.minimum((tile + 1) * BLOCK_M, q_len)
+    else:
+        full = kv_len // BLOCK_N * BLOCK_N
+        end = kv_len
+    acc, m, l = _attend_keys(acc, m, l, q, q_pos, row_mask, k_ptr, v_ptr, 0, full, kv_len, seq, kv_head, k_start,
+                             block_tables_ptr, bt_stride, num_kv_heads, kv_token_stride, qk_scale, HEAD_DIM, BLOCK_N,
+                             PAGED, PAGE, CAUSAL, False, DOT_PRECISION)
+    acc, m, l = _attend_keys(acc, m, l, q, q_pos, row_mask, k_ptr, v_ptr, full, end, kv_len, seq, kv_head, k_start,
+                             block_tables_ptr, bt_stride, num_kv_heads, kv_token_stride, qk_scale, HEAD_DIM, BLOCK_N,
+                             PAGED, PAGE, CAUSAL, True, DOT_PRECISION)
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # rows without keys: zeros
     tl.store(out_ptr + (q_start + rows)[:, None] * out_stride + head * HEAD_DIM + d[None, :],
              round_to(out, out_ptr.dtype.element_ty), mask=row_mask[:, None])
@@ -171,12 +208,12 @@ def varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, *, kv
     num_kv_heads = k.shape[-2]
     if batch == 0 or max_q_len == 0:
         return
-    grid = (triton.cdiv(max_q_len, block_m), batch, num_q_heads)
-    _varlen_attention_kernel[grid](
+    num_tiles = triton.cdiv(max_q_len, block_m)
+    _varlen_attention_kernel[(num_q_heads, num_tiles, batch)](
         out, q, k, v, cu_seqlens_q, kv_lens if kv_lens is not None else cu_seqlens_q,
         cu_seqlens_k if not paged else cu_seqlens_q, block_tables if paged else cu_seqlens_q,
         q.stride(0), out.stride(0), 0 if paged else k.stride(0), block_tables.stride(0) if paged else 0,
-        num_q_heads, num_kv_heads, scale,
+        num_q_heads, num_kv_heads, scale, num_tiles,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, PAGED=paged,
         PAGE=k.shape[1] if paged else 1, PADDED_KEYS=not paged and kv_lens is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)

@@ -76,7 +76,9 @@ def _rand(shape, dtype, g, scale=1.0):
 CPU_DTYPES = [torch.float32, torch.float16]
 
 
-SHORT_RUNS = [[(7, 7)], [(1, 1), (129, 129)], [(5, 40), (1, 17), (60, 60)]]
+# (q_len, kv_len): kv_len > q_len extends a cached prefix; (40, 200) has whole unmasked key
+# blocks before its diagonal band, (129, 129) a full block then a band in its second tile.
+SHORT_RUNS = [[(7, 7)], [(1, 1), (129, 129)], [(5, 40), (1, 17), (60, 60)], [(40, 200), (3, 3)]]
 # One long run per dtype is enough under the interpreter.
 PREFILL_CASES = [(heads, block, lens) for heads in [(4, 4), (8, 2), (8, 1)] for block in [16, 32]
                  for lens in SHORT_RUNS] + [((8, 2), 16, [(1000, 1000)])]

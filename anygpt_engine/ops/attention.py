@@ -248,7 +248,7 @@ def _varlen_attention_kernel(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     tile = "prefill_fp32_" if q.dtype == torch.float32 else "prefill_"
     kernels.varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, kv_lens=kv_lens,
                              block_tables=block_tables, cu_seqlens_k=cu_seqlens_k, block_m=params[tile + "block_m"],
-                             block_n=params[tile + "block_n"], num_warps=params["prefill_warps"],
+                             block_n=params[tile + "block_n"], num_warps=params[tile + "warps"],
                              num_stages=params[tile + "stages"])
 
 

@@ -5,18 +5,26 @@ over paged K/V, as the backbone runs it, and over packed K/V; contiguous for the
 Decode: B = 1..64, context 512..16384, 32 q heads / 32 kv heads, d = 128, block 16: achieved
 TB/s = K/V bytes read / time; the peer is SDPA over the same K/V stored contiguously.
 
-    python benchmarks/bench_attention.py [--json PATH] [--quick]
+With --write-tuning it also times the prefill tile candidates (PREFILL_TILES) at S = 4096 and
+records, for this GPU in anygpt_engine/tuning/attention.json, the fastest tile and the faster
+decode face per measured shape.
+
+    python benchmarks/bench_attention.py [--json PATH] [--quick] [--write-tuning]
 """
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from anygpt_engine import tuning
 from anygpt_engine.bench import git_sha, median_seconds
 from anygpt_engine.ops import attention as A
+
+# (block_m, block_n, warps, stages) for 16-bit prefill: each compiles for sm_90a with Triton 3.6
+# without register spills and uses wgmma (benchmarks/RESULTS.md); timing picks among them.
+PREFILL_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
 
 
 def _time(fn):
@@ -35,19 +43,28 @@ def _paged_copy(k, block_size):
     return cache, order
 
 
+def _prefill_inputs(s, dtype, heads=32, dim=128):
+    """q, k, v [s, heads, dim] and the same K/V in a shuffled block-16 cache (table, lengths)."""
+    q, k, v = (torch.randn(s, heads, dim, device="cuda", dtype=dtype) for _ in range(3))
+    k_cache, order = _paged_copy(k, 16)
+    v_cache = torch.empty_like(k_cache)
+    v_cache[order] = torch.cat([v, v.new_zeros(k_cache.shape[0] * 16 - s, heads, dim)]).view_as(k_cache)
+    table, lens, cu = order.view(1, -1), torch.tensor([s], device="cuda"), torch.tensor([0, s], device="cuda")
+    return q, k, v, k_cache, v_cache, table, lens, cu
+
+
+def _prefill_flops(s, heads=32, dim=128):
+    return 4 * s * s * heads * dim / 2  # causal: half the square
+
+
 def bench_prefill(rows, quick, dtype):
-    heads, dim = 32, 128
     try:
         from flash_attn import flash_attn_func
     except ImportError:
         flash_attn_func = None
     for s in ([512, 1024] if quick else [512, 1024, 2048, 4096, 8192]):
-        q, k, v = (torch.randn(s, heads, dim, device="cuda", dtype=dtype) for _ in range(3))
-        k_cache, order = _paged_copy(k, 16)
-        v_cache = torch.empty_like(k_cache)
-        v_cache[order] = torch.cat([v, v.new_zeros(k_cache.shape[0] * 16 - s, heads, dim)]).view_as(k_cache)
-        table, lens, cu = order.view(1, -1), torch.tensor([s], device="cuda"), torch.tensor([0, s], device="cuda")
-        flops = 4 * s * s * heads * dim / 2
+        q, k, v, k_cache, v_cache, table, lens, cu = _prefill_inputs(s, dtype)
+        flops = _prefill_flops(s)
         times = {
             "engine_triton": _time(lambda: A.varlen_attention(q, k_cache, v_cache, cu, s, kv_lens=lens,
                                                                 block_tables=table, backend="triton")),
@@ -61,6 +78,26 @@ def bench_prefill(rows, quick, dtype):
         for name, t in times.items():
             rows.append(dict(kind="prefill", impl=name, seq=s, median_ms=t * 1e3, tflops=flops / t / 1e12,
                              vs_sdpa=times["sdpa"] / t))
+
+
+def sweep_prefill_tiles(rows, dtype, s=4096):
+    """Times the paged prefill kernel with every PREFILL_TILES candidate (S = s, causal)."""
+    q, k, v, k_cache, v_cache, table, lens, cu = _prefill_inputs(s, dtype)
+    expected = A.varlen_attention(q, k_cache, v_cache, cu, s, kv_lens=lens, block_tables=table, backend="triton")
+    for block_m, block_n, warps, stages in PREFILL_TILES:
+        with tuning.override("attention", prefill_block_m=block_m, prefill_block_n=block_n, prefill_warps=warps,
+                             prefill_stages=stages):
+            run = lambda: A.varlen_attention(q, k_cache, v_cache, cu, s, kv_lens=lens,  # noqa: E731
+                                             block_tables=table, backend="triton")
+            try:
+                err = (run().float() - expected.float()).abs().max().item()
+                t = _time(run)
+            except Exception as exc:  # a tile this GPU cannot launch (shared memory): skip it
+                print(f"prefill tile {block_m}x{block_n} w{warps} s{stages}: {type(exc).__name__}: {exc}")
+                continue
+        rows.append(dict(kind="prefill_tile", impl=f"{block_m}x{block_n}_w{warps}_s{stages}", seq=s,
+                         median_ms=t * 1e3, tflops=_prefill_flops(s) / t / 1e12, vs_sdpa=float("nan"),
+                         tile=[block_m, block_n, warps, stages], max_diff_vs_default=err))
 
 
 def bench_decode(rows, quick, dtype):
@@ -102,7 +139,8 @@ def main():
     parser.add_argument("--json", default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--write-tuning", action="store_true",
-                        help="record the faster decode face per measured shape in anygpt_engine/tuning/attention.json")
+                        help="sweep prefill tiles; record the fastest tile and the faster decode face per "
+                             "measured shape for this GPU in anygpt_engine/tuning/attention.json")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("bench_attention: needs a CUDA GPU (the CPU path is the torch reference)")
@@ -110,36 +148,42 @@ def main():
     dtype = torch.bfloat16
     rows = []
     bench_prefill(rows, args.quick, dtype)
+    if args.write_tuning:
+        sweep_prefill_tiles(rows, dtype)
     bench_decode(rows, args.quick, dtype)
     meta = dict(gpu=torch.cuda.get_device_name(), git_sha=git_sha(), dtype="bfloat16")
     print(f"# attention  {meta}")
     for r in rows:
-        shape = f"S={r['seq']}" if r["kind"] == "prefill" else f"B={r['batch']} ctx={r['context']}"
-        rate = f"{r['tflops']:.0f} TFLOP/s" if r["kind"] == "prefill" else f"{r['tb_s']:.2f} TB/s"
+        prefill = r["kind"].startswith("prefill")
+        shape = f"S={r['seq']}" if prefill else f"B={r['batch']} ctx={r['context']}"
+        rate = f"{r['tflops']:.0f} TFLOP/s" if prefill else f"{r['tb_s']:.2f} TB/s"
         print(f"{r['kind']:>8} {shape:>18} {r['impl']:>16} {r['median_ms']:9.3f} ms {rate:>14} "
               f"{r['vs_sdpa']:6.2f}x sdpa")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([{**meta, **r} for r in rows], f, indent=2)
     if args.write_tuning:
-        write_decode_rules(rows, meta["gpu"])
+        write_tuning(rows, meta["gpu"])
 
 
-def write_decode_rules(rows, gpu_name):
-    """Per measured (batch, context), the faster engine decode face, as rules the dispatch reads
-    in order (smallest shapes first)."""
+def write_tuning(rows, gpu_name):
+    """For this GPU: the fastest prefill tile, and per measured (batch, context) the faster
+    engine decode face, as rules the dispatch reads in order (smallest shapes first)."""
+    values = {}
+    # A tile whose output strays from the default tile's beyond bf16 rounding is wrong, not fast.
+    tiles = [r for r in rows if r["kind"] == "prefill_tile" and r["max_diff_vs_default"] < 1e-2]
+    if tiles:
+        block_m, block_n, warps, stages = min(tiles, key=lambda r: r["median_ms"])["tile"]
+        values.update(prefill_block_m=block_m, prefill_block_n=block_n, prefill_warps=warps, prefill_stages=stages)
     best = {}
     for r in rows:
         if r["kind"] == "decode" and r["impl"].startswith("engine_"):
             key = (r["batch"], r["context"])
             if key not in best or r["median_ms"] < best[key][1]:
                 best[key] = (r["impl"].removeprefix("engine_"), r["median_ms"])
-    rules = [[b, ctx, face] for (b, ctx), (face, _) in sorted(best.items())]
-    path = Path(A.__file__).resolve().parents[1] / "tuning" / "attention.json"
-    table = json.loads(path.read_text())
-    table.setdefault("gpus", {}).setdefault(gpu_name, {})["decode_rules"] = rules
-    path.write_text(json.dumps(table, indent=2) + "\n")
-    print(f"wrote {len(rules)} decode rules for {gpu_name} to {path}")
+    values["decode_rules"] = [[b, ctx, face] for (b, ctx), (face, _) in sorted(best.items())]
+    path = tuning.write_gpu_entry("attention", gpu_name, values)
+    print(f"wrote {values} for {gpu_name} to {path}")
 
 
 if __name__ == "__main__":

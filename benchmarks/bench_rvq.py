@@ -4,6 +4,8 @@ algorithm: float32 distance matrix per level, argmax, subtract), in the same run
     python benchmarks/bench_rvq.py                  # GPU: N = 500..64000, the three codebook shapes
     python benchmarks/bench_rvq.py --quick          # CPU smoke run (Triton under the interpreter)
     python benchmarks/bench_rvq.py --json out.json  # also write the rows
+    python benchmarks/bench_rvq.py --write-tuning   # GPU: sweep ENCODE_TILES and decode blocks at
+                                                    # N = 32000, 8x1024x1024; record this GPU's best
 
 Encode reports ms, achieved TFLOP/s (2 N K D L per call) and whether the codes equal the exact
 reference (ops.rvq_encode_reference); the loop's own codes may differ on float32 near-ties,
@@ -25,7 +27,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any @triton.jit runs
 
-from anygpt_engine import ops  # noqa: E402
+from anygpt_engine import ops, tuning  # noqa: E402
 from anygpt_engine.bench import git_sha, median_seconds  # noqa: E402
 from anygpt_engine.ops import backend as ops_backend  # noqa: E402
 
@@ -33,6 +35,12 @@ SHAPES = {"speechtokenizer 8x1024x1024": (8, 1024, 1024), "encodec 4x2048x128": 
           "seed 1x8192x32": (1, 8192, 32)}
 FULL_SIZES = (500, 2000, 8000, 32000, 64000)
 QUICK_SIZES = (16,)
+# Triton encoder tiles (block_m, block_n, block_k, candidates, warps, stages): each compiles for
+# sm_90a with Triton 3.6 without spills, its dots on wgmma (benchmarks/RESULTS.md). 128-row
+# blocks halve the codebook's L2 traffic; 4 warps let two programs share an SM, one selecting
+# candidates while the other multiplies.
+ENCODE_TILES = [(64, 128, 64, 16, 8, 3), (64, 128, 64, 16, 4, 3), (128, 128, 64, 16, 8, 3), (64, 256, 64, 16, 8, 3)]
+DECODE_BLOCKS = (256, 512, 1024)
 
 
 def torch_loop_encode(x: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
@@ -105,8 +113,64 @@ def run(sizes, shape_names, face_names, reps: int) -> list[dict]:
     return rows
 
 
+def sweep(n: int, reps: int, device: torch.device) -> tuple[list[dict], dict]:
+    """Times every encoder tile and decode block on the speechtokenizer shape at n frames,
+    keeping only configurations with identical codes / decodes; returns the rows and the
+    tuning values to record (fastest Triton configuration, faces fastest first)."""
+    levels, size, dim = SHAPES["speechtokenizer 8x1024x1024"]
+    g = torch.Generator().manual_seed(1)
+    embed = ((torch.rand(levels, size, dim, generator=g) * 2 - 1) * (6.0 / dim) ** 0.5).to(device)
+    book = ops.RVQCodebooks(embed)
+    x = (torch.randn(n, dim, generator=g) * (2.0 / dim) ** 0.5).to(device)
+    exact = ops.rvq_encode_reference(x, book).codes
+    decoded = torch_loop_decode(exact, embed)
+    flops, decode_bytes = 2.0 * n * size * dim * levels, 4.0 * n * dim * (levels + 1)
+    rows, enc, dec = [], {}, {}
+    for bm, bn, bk, c, warps, stages in ENCODE_TILES:
+        config = dict(triton_block_m=bm, triton_block_n=bn, triton_block_k=bk, triton_candidates=c,
+                      triton_num_warps=warps, triton_num_stages=stages)
+        with tuning.override("rvq", **config):
+            same = bool(torch.equal(ops.rvq_encode(x, book, backend="triton"), exact))
+            ms = timed(lambda: ops.rvq_encode(x, book, backend="triton"), reps)
+        name = f"triton {bm}x{bn}x{bk} c{c} w{warps} s{stages}"
+        rows.append(dict(op="encode", shape="sweep", n=n, face=name, ms=ms, tflops=flops / ms / 1e9, identical=same,
+                         speedup=float("nan")))
+        if same and ms < enc.get("triton", (float("inf"),))[0]:
+            enc["triton"] = (ms, config)
+    out = torch.empty(n, dim, device=device)
+    for block_d in DECODE_BLOCKS:
+        with tuning.override("rvq", decode_block_d=block_d):
+            ops.rvq_decode(exact, book, out=out, backend="triton")
+            same = bool(torch.equal(out, decoded))
+            ms = timed(lambda: ops.rvq_decode(exact, book, out=out, check_codes=False, backend="triton"), reps)
+        rows.append(dict(op="decode", shape="sweep", n=n, face=f"triton block_d={block_d}", ms=ms,
+                         gbps=decode_bytes / ms / 1e6, identical=same, speedup=float("nan")))
+        if same and ms < dec.get("triton", (float("inf"),))[0]:
+            dec["triton"] = (ms, dict(decode_block_d=block_d))
+    if device.type == "cuda" and ops_backend.cuda_kernels_built():
+        same = bool(torch.equal(ops.rvq_encode(x, book, backend="cuda"), exact))
+        ms = timed(lambda: ops.rvq_encode(x, book, backend="cuda"), reps)
+        rows.append(dict(op="encode", shape="sweep", n=n, face="cuda", ms=ms, tflops=flops / ms / 1e9,
+                         identical=same, speedup=float("nan")))
+        if same:
+            enc["cuda"] = (ms, {})
+        ops.rvq_decode(exact, book, out=out, backend="cuda")
+        same = bool(torch.equal(out, decoded))
+        ms = timed(lambda: ops.rvq_decode(exact, book, out=out, check_codes=False, backend="cuda"), reps)
+        rows.append(dict(op="decode", shape="sweep", n=n, face="cuda", ms=ms, gbps=decode_bytes / ms / 1e6,
+                         identical=same, speedup=float("nan")))
+        if same:
+            dec["cuda"] = (ms, {})
+    values = {}
+    for key, found in (("encode_faces", enc), ("decode_faces", dec)):
+        if found:
+            values[key] = sorted(found, key=lambda face: found[face][0])
+            values.update(found.get("triton", (0, {}))[1])
+    return rows, values
+
+
 def table(rows: list[dict]) -> str:
-    head = (f"{'op':7} {'codebooks':28} {'N':>6} {'face':11} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'x loop':>7} "
+    head = (f"{'op':7} {'codebooks':28} {'N':>6} {'face':30} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'x loop':>7} "
             "identical")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -115,7 +179,7 @@ def table(rows: list[dict]) -> str:
         same = {True: "yes", False: "NO"}.get(r.get("identical"), "")
         if "loop_mismatch" in r:
             same += f" (loop_mismatch={r['loop_mismatch']})"
-        lines.append(f"{r['op']:7} {r['shape']:28} {r['n']:6d} {r['face']:11} {r['ms']:9.3f} {tf} {gb} "
+        lines.append(f"{r['op']:7} {r['shape']:28} {r['n']:6d} {r['face']:30} {r['ms']:9.3f} {tf} {gb} "
                      f"{r['speedup']:7.1f} {same}")
     return "\n".join(lines)
 
@@ -128,13 +192,28 @@ def main() -> None:
     parser.add_argument("--faces", nargs="+", choices=["torch", "triton", "cuda"], help="engine faces to time")
     parser.add_argument("--reps", type=int, help="timed runs per measurement (median reported)")
     parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--write-tuning", action="store_true",
+                        help="GPU: sweep the Triton tiles and decode blocks at N = 32000 (8x1024x1024) and record "
+                             "this GPU's fastest configuration and face order in anygpt_engine/tuning/rvq.json")
     args = parser.parse_args()
     sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
     names = [n for n in SHAPES if args.shapes is None or n.split()[0] in args.shapes]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reps = args.reps or (1 if args.quick else 20)
-    rows = run(sizes, names, faces(device, args.faces), reps)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreted)"
+    tuned = {}
+    if args.write_tuning:
+        if device.type != "cuda":
+            parser.error("--write-tuning needs a GPU")
+        sweep_rows, tuned = sweep(32000, reps, device)
+        print(table(sweep_rows), flush=True)
+        if tuned:
+            print(f"wrote {tuned} for {gpu} to {tuning.write_gpu_entry('rvq', gpu, tuned)}", flush=True)
+    # The rows below run with the table as it now stands (an override applies what was just written).
+    with tuning.override("rvq", **tuned):
+        rows = run(sizes, names, faces(device, args.faces), reps)
+    if args.write_tuning:
+        rows = sweep_rows + rows
     info = dict(gpu=gpu, git=git_sha(), torch=torch.__version__)
     try:
         import triton

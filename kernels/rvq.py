@@ -232,7 +232,7 @@ def _rvq_encode_kernel(x_ptr, x_row_stride, cb_ptr, low_ptr, norms_ptr, emax_ptr
 
 
 def rvq_encode(codes, residual, quantized, x, embed, low, norms, emax, demax, *, precision: str, dot_in_fp32: bool,
-               block_m: int, block_n: int, block_k: int, candidates: int, num_warps: int) -> None:
+               block_m: int, block_n: int, block_k: int, candidates: int, num_warps: int, num_stages: int) -> None:
     """Encodes x [N, D] (unit column stride) into codes [L, N]; residual [N, D] float32 receives the
     final residual; quantized [N, D] (zero-filled, or None) receives the sum of chosen codewords.
     embed [L, K, D] float32; low its copy rounded to the search precision (embed for fp32);
@@ -245,7 +245,7 @@ def rvq_encode(codes, residual, quantized, x, embed, low, norms, emax, demax, *,
         x, x.stride(0), embed, low, norms, emax, demax, codes, residual, rlow,
         quantized if quantized is not None else residual, n, dim, size, levels,
         PRECISION=precision, DOT_IN_FP32=dot_in_fp32, HAS_Q=quantized is not None,
-        BM=block_m, BN=block_n, BK=block_k, C=candidates, SCAN=64, num_warps=num_warps,
+        BM=block_m, BN=block_n, BK=block_k, C=candidates, SCAN=64, num_warps=num_warps, num_stages=num_stages,
     )
 
 

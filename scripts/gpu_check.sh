@@ -44,12 +44,19 @@ case "$mode" in
     step sanitize_maskgit 30 "${sanitize[@]}" tests/test_maskgit.py -k cuda
     step sanitize_sampling 40 "${sanitize[@]}" tests/test_sampling_kernels.py -k "greedy_exact and cuda"
     step sanitize_soundstorm 30 "${sanitize[@]}" tests/test_soundstorm_fast.py -k small
+    # The attention and RVQ benchmarks first sweep their tile candidates and record this GPU's
+    # fastest in anygpt_engine/tuning/*.json (copied to OUT_DIR/tuning/ to be committed).
     for bench in benchmarks/bench_*.py; do
       name=$(basename "$bench" .py)
-      limit=40
-      [ "$name" = bench_soundstorm ] && limit=80
-      step "$name" "$limit" python "$bench" --json "$out/$name.json"
+      limit=40 extra=()
+      case "$name" in
+        bench_soundstorm) limit=80 ;;
+        bench_attention) limit=75 extra=(--write-tuning) ;;
+        bench_rvq) limit=100 extra=(--write-tuning --sizes 2000 32000) ;;
+      esac
+      step "$name" "$limit" python "$bench" --json "$out/$name.json" "${extra[@]}"
     done
+    mkdir -p "$out/tuning" && cp anygpt_engine/tuning/*.json "$out/tuning/"
     ;;
   *) echo "unknown mode $mode (core or kernels)"; exit 2 ;;
 esac

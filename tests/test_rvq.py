@@ -185,7 +185,8 @@ def test_triton_kernel_writes_every_output():
     quantized = torch.zeros(37, 40)  # the kernel adds into it, as the reference adds to 0.0
     low, demax = cb.low_precision("fp32")
     triton_rvq.rvq_encode(codes, residual, quantized, x, cb.embed, low, cb.norms, cb.emax, demax, precision="fp32",
-                          dot_in_fp32=True, block_m=16, block_n=64, block_k=32, candidates=4, num_warps=4)
+                          dot_in_fp32=True, block_m=16, block_n=64, block_k=32, candidates=4, num_warps=4,
+                          num_stages=2)
     assert_same_encoding(ops.RVQEncoding(codes, quantized, residual), expected)
 
 

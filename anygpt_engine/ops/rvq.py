@@ -40,7 +40,6 @@ from anygpt_engine.ops import backend as _backend
 from anygpt_engine.ops._extension import cuda_stream_handle, dtype_code, extension
 
 _SUPPORTED = ("torch", "triton", "cuda")
-_PREFERRED_ON_GPU = ("cuda", "triton")
 PRECISIONS = ("fp32", "tf32", "bf16")
 LANES = 32  # lanes of the fixed summation order of the exact score
 CUDA_MAX_DIM = 1024  # the CUDA encoder keeps a bf16 copy of its rows' residual in shared memory
@@ -307,7 +306,8 @@ def rvq_encode(x: torch.Tensor, codebooks, *, return_quantized: bool = False, re
     cb = as_codebooks(codebooks)
     _check_x(x, cb)
     _check_precision(precision)
-    face = _backend.choose("rvq_encode", x.device, backend, _PREFERRED_ON_GPU, _SUPPORTED)
+    params = tuning.params("rvq", x.device)
+    face = _backend.choose("rvq_encode", x.device, backend, tuple(params["encode_faces"]), _SUPPORTED)
     if face == "cuda" and cb.dim > CUDA_MAX_DIM:
         if backend == "cuda":
             raise ValueError(f"codebooks dim={cb.dim}: the CUDA rvq_encode holds rows of at most "
@@ -316,7 +316,6 @@ def rvq_encode(x: torch.Tensor, codebooks, *, return_quantized: bool = False, re
     x2 = x.reshape(-1, cb.dim)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) < cb.dim):  # e.g. broadcast rows
         x2 = x2.contiguous()
-    params = tuning.params("rvq", x.device)
     if face == "torch":
         codes, quantized, residual = rvq_encode_reference(x2, cb, precision=precision)
     else:
@@ -330,7 +329,7 @@ def rvq_encode(x: torch.Tensor, codebooks, *, return_quantized: bool = False, re
             low, demax = cb.low_precision(prec)
             _rvq_encode_triton(codes, residual, quantized, x2, cb.embed, low, cb.norms, cb.emax, demax, prec,
                                params["triton_block_m"], params["triton_block_n"], params["triton_block_k"],
-                               params["triton_candidates"], params["triton_num_warps"])
+                               params["triton_candidates"], params["triton_num_warps"], params["triton_num_stages"])
         else:
             _rvq_encode_cuda(codes, residual, quantized, x2, cb.embed, cb.cuda_workspace())
     lead = x.shape[:-1]
@@ -345,17 +344,17 @@ def rvq_encode(x: torch.Tensor, codebooks, *, return_quantized: bool = False, re
 def _rvq_encode_triton(codes: torch.Tensor, residual: torch.Tensor, quantized: torch.Tensor | None, x: torch.Tensor,
                        embed: torch.Tensor, low: torch.Tensor, norms: torch.Tensor, emax: torch.Tensor,
                        demax: torch.Tensor, precision: str, block_m: int, block_n: int, block_k: int, candidates: int,
-                       num_warps: int) -> None:
+                       num_warps: int, num_stages: int) -> None:
     from anygpt_engine.kernels import rvq as triton_rvq
 
     triton_rvq.rvq_encode(codes, residual, quantized, x, embed, low, norms, emax, demax, precision=precision,
                           dot_in_fp32=_interpreting(), block_m=block_m, block_n=block_n, block_k=block_k,
-                          candidates=candidates, num_warps=num_warps)
+                          candidates=candidates, num_warps=num_warps, num_stages=num_stages)
 
 
 @_rvq_encode_triton.register_fake
 def _(codes, residual, quantized, x, embed, low, norms, emax, demax, precision, block_m, block_n, block_k, candidates,
-      num_warps):
+      num_warps, num_stages):
     return None
 
 
@@ -396,7 +395,8 @@ def rvq_decode(codes: torch.Tensor, codebooks, *, first_level: int = 0, out: tor
             raise ValueError(f"out is on {out.device}, expected {cb.device} like codebooks")
         if not out.is_contiguous():
             raise ValueError(f"out must be contiguous (it is written in place), got strides {out.stride()}")
-    face = _backend.choose("rvq_decode", cb.device, backend, _PREFERRED_ON_GPU, _SUPPORTED)
+    faces = tuple(tuning.params("rvq", cb.device)["decode_faces"])
+    face = _backend.choose("rvq_decode", cb.device, backend, faces, _SUPPORTED)
     codes2 = codes.reshape(codes.shape[0], -1)
     if codes2.dtype != torch.int64 or not codes2.is_contiguous():
         codes2 = codes2.to(torch.int64).contiguous()

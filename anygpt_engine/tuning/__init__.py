@@ -1,12 +1,15 @@
 """Kernel tuning tables: one JSON file per op in this folder, read once.
 
 Format: {"default": {...params...}, "gpus": {"<substring of the GPU name>": {...}}}.
-The first GPU entry whose key occurs in the device name overrides the default's keys.
-benchmarks/ tuning scripts write these files; code never hard-codes block sizes.
+Every GPU entry whose key occurs in the device name overrides the default's keys, longer keys
+last.
+benchmarks/ tuning scripts write these files (write_gpu_entry) after timing candidates under
+override(); code never hard-codes block sizes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 from pathlib import Path
@@ -31,13 +34,45 @@ def _device_name(device: torch.device) -> str:
     return "cpu"
 
 
+_overrides: dict[str, dict] = {}
+
+
 def params(op: str, device: torch.device) -> dict:
-    """Tuned launch parameters of `op` on `device`."""
+    """Tuned launch parameters of `op` on `device` (with any active override() on top)."""
     table = _table(op)
     chosen = dict(table["default"])
     name = _device_name(device)
-    for key, override in table.get("gpus", {}).items():
+    # Every entry whose key occurs in the name applies, longer (more specific) keys last: a
+    # measured "NVIDIA H100 80GB HBM3" entry refines the hand-written "H100" one.
+    for key, entry in sorted(table.get("gpus", {}).items(), key=lambda item: len(item[0])):
         if key in name:
-            chosen.update(override)
-            break
+            chosen.update(entry)
+    chosen.update(_overrides.get(op, {}))
     return chosen
+
+
+@contextlib.contextmanager
+def override(op: str, **values):
+    """Within the block, params(op, ...) returns these values: how a sweep times candidates."""
+    unknown = set(values) - set(_table(op)["default"])
+    if unknown:
+        raise KeyError(f"{op} tuning has no parameters {sorted(unknown)}")
+    previous = _overrides.get(op)
+    _overrides[op] = {**(previous or {}), **values}
+    try:
+        yield
+    finally:
+        if previous is None:
+            _overrides.pop(op)
+        else:
+            _overrides[op] = previous
+
+
+def write_gpu_entry(op: str, gpu_name: str, values: dict) -> Path:
+    """Merges values into the op's table under gpu_name (a tuning script's measured choice)."""
+    path = _FOLDER / f"{op}.json"
+    table = json.loads(path.read_text())
+    table.setdefault("gpus", {}).setdefault(gpu_name, {}).update(values)
+    path.write_text(json.dumps(table, indent=2) + "\n")
+    _table.cache_clear()
+    return path

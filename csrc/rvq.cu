@@ -83,9 +83,10 @@ anygpt_status launch_decode(float* out, const int64_t* codes, const float* codeb
   const bool vec4 = dim % 4 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0 &&
                     reinterpret_cast<uintptr_t>(codebooks) % 16 == 0;
   const int64_t blocks = (rows + kThreads / 32 - 1) / (kThreads / 32);
-  decode_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  auto kernel = vec4 ? decode_kernel<true> : decode_kernel<false>;
+  kernel<<<static_cast<unsigned>(blocks), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       out, codes, codebooks, rows, static_cast<int>(dim), static_cast<int>(levels), static_cast<int>(first_level),
-      static_cast<int>(size), vec4);
+      static_cast<int>(size));
   return check_launch("rvq_decode");
 }
 

@@ -250,21 +250,26 @@ def rvq_encode(codes, residual, quantized, x, embed, low, norms, emax, demax, *,
 
 
 @triton.jit
-def _rvq_decode_kernel(out_ptr, codes_ptr, cb_ptr, N, D, K, LEVELS, FIRST, BM: tl.constexpr, BD: tl.constexpr):
+def _rvq_decode_kernel(out_ptr, codes_ptr, cb_ptr, N, D, K, FIRST, LEVELS: tl.constexpr, BM: tl.constexpr,
+                       BD: tl.constexpr):
+    # LEVELS is unrolled: every level's gather is independent and in flight at once (the
+    # codebooks sit in L2; the kernel is bound by outstanding gathers). Codebook lines are
+    # kept in L2 (evict_last) and the output streams past it (evict_first).
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     row_ok = rows < N
     m = row_ok[:, None] & (cols[None, :] < D)
     acc = tl.zeros([BM, BD], tl.float32)
     bad = tl.zeros([BM], tl.int1)
-    for i in range(LEVELS):
+    for i in tl.static_range(LEVELS):
         code = tl.load(codes_ptr + i * N + rows, mask=row_ok, other=0)
         ok = (code >= 0) & (code < K)
         bad = bad | ~ok
         base = cb_ptr + ((FIRST + i) * K + tl.where(ok, code, 0)) * D
-        acc += tl.load(base[:, None] + cols[None, :], mask=m, other=0.0)  # 0.0 + E_0 + E_1 + ... in order
+        # 0.0 + E_0 + E_1 + ... in order
+        acc += tl.load(base[:, None] + cols[None, :], mask=m, other=0.0, eviction_policy="evict_last")
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * D + cols[None, :], tl.where(bad[:, None], float("nan"), acc),
-             mask=m)
+             mask=m, eviction_policy="evict_first")
 
 
 def rvq_decode(out, codes, embed, first_level: int, *, block_d: int) -> None:
@@ -274,5 +279,5 @@ def rvq_decode(out, codes, embed, first_level: int, *, block_d: int) -> None:
     block_d = min(block_d, triton.next_power_of_2(dim))
     block_m = max(1, 4096 // block_d)
     _rvq_decode_kernel[(triton.cdiv(n, block_m), triton.cdiv(dim, block_d))](
-        out, codes, embed, n, dim, size, levels, first_level, BM=block_m, BD=block_d,
+        out, codes, embed, n, dim, size, first_level, LEVELS=levels, BM=block_m, BD=block_d,
     )

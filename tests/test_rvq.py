@@ -315,6 +315,28 @@ def test_decode_is_bit_identical_to_the_level_order_sum(face):
     assert torch.equal(bits(out), bits(expected))
 
 
+@pytest.mark.parametrize("face", ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("levels,dim", [(11, 36), (35, 37)])
+def test_decode_many_levels_keeps_level_order(face, levels, dim):
+    """Kernels take levels in unrolled groups (8 in CUDA, all in Triton) and CUDA shuffles the
+    first 32 codes: 11 crosses a group boundary, 35 passes the shuffled levels; dim 36 takes
+    the CUDA float4 path, 37 the scalar one."""
+    device = "cuda" if HAS_GPU else "cpu"
+    cb = make_codebooks(levels, 20, dim, seed=levels).to(device)
+    codes = torch.randint(0, 20, (levels, 9), generator=torch.Generator().manual_seed(dim)).to(device)
+    expected = torch.zeros(9, dim, device=device)
+    for level in range(levels):
+        expected = expected + cb[level][codes[level]]
+    out = poison(torch.empty(9, dim, device=device))
+    ops.rvq_decode(codes, cb, out=out, backend=face)
+    assert torch.equal(bits(out), bits(expected))
+    tail = ops.rvq_decode(codes[3:], cb, first_level=3, backend=face)
+    expected = torch.zeros(9, dim, device=device)
+    for level in range(3, levels):
+        expected = expected + cb[level][codes[level]]
+    assert torch.equal(bits(tail), bits(expected))
+
+
 @pytest.mark.parametrize("face", ["torch", "triton"])
 def test_decode_of_encode_is_the_quantized_sum(face):
     cb = make_codebooks(3, 80, 52, seed=24)

@@ -397,47 +397,73 @@ __global__ void __launch_bounds__(kThreads) encode_kernel(EncodeArgs p) {
   }
 }
 
-// Decode: a warp per row; every lane sums the codewords of its columns in level order from 0.0
-// (a code is one broadcast load for the warp). Codes outside [0, K) give a NaN row, never an
-// out-of-bounds read. vec4: dim % 4 == 0 and 16-byte aligned out/codebooks.
+// Decode: a warp per row; every lane sums the codewords of its columns in level order from 0.0.
+// Codes outside [0, K) give a NaN row, never an out-of-bounds read. The row's codeword offsets
+// are read once (lane l holds level l's, broadcast by shuffles) and levels are taken eight at a
+// time, unrolled, so a lane has up to eight independent codeword loads in flight: the codebooks
+// sit in L2 and the kernel is bound by how many gathers are outstanding. The output is stored
+// streaming (evict-first) so it does not push the codebooks out of L2.
+// vec4: dim % 4 == 0 and 16-byte aligned out/codebooks.
+constexpr int kDecodeUnroll = 8;
+
+__device__ __forceinline__ int64_t decode_word(const int64_t* __restrict__ codes, int64_t rows, int64_t n,
+                                               int64_t size, int64_t lane_word, int l) {
+  // Levels past the 32 held by the lanes (never the case for AnyGPT's codecs) read their code.
+  return l < 32 ? __shfl_sync(kFullMask, lane_word, l)
+                : static_cast<int64_t>(l) * size + codes[static_cast<int64_t>(l) * rows + n];
+}
+
+template <bool kVec4>
 __global__ void __launch_bounds__(kThreads)
     decode_kernel(float* __restrict__ out, const int64_t* __restrict__ codes, const float* __restrict__ codebooks,
-                  int64_t rows, int dim, int levels, int first_level, int size, bool vec4) {
+                  int64_t rows, int dim, int levels, int first_level, int size) {
   const int lane = threadIdx.x % 32;
   const int64_t n = static_cast<int64_t>(blockIdx.x) * (kThreads / 32) + threadIdx.x / 32;
   if (n >= rows) return;  // warp-uniform
   float* dst = out + n * dim;
   int bad = 0;
+  int64_t lane_word = 0;
   for (int l = lane; l < levels; l += 32) {
     const int64_t code = codes[static_cast<int64_t>(l) * rows + n];
     bad |= code < 0 || code >= size;
+    if (l == lane) lane_word = static_cast<int64_t>(l) * size + code;
   }
   if (__any_sync(kFullMask, bad)) {
     for (int i = lane; i < dim; i += 32) dst[i] = __int_as_float(0x7fc00000);
     return;
   }
   const float* level0 = codebooks + static_cast<int64_t>(first_level) * size * dim;
-  if (vec4) {
-    for (int i = lane * 4; i < dim; i += 128) {
-      float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      for (int l = 0; l < levels; ++l) {
-        const int64_t word = static_cast<int64_t>(l) * size + codes[static_cast<int64_t>(l) * rows + n];
-        const float4 e = __ldg(reinterpret_cast<const float4*>(level0 + word * dim + i));
-        acc.x = __fadd_rn(acc.x, e.x);
-        acc.y = __fadd_rn(acc.y, e.y);
-        acc.z = __fadd_rn(acc.z, e.z);
-        acc.w = __fadd_rn(acc.w, e.w);
+  constexpr int kWidth = kVec4 ? 4 : 1;
+  for (int i = lane * kWidth; i < dim; i += 32 * kWidth) {
+    float acc[kWidth];
+#pragma unroll
+    for (int c = 0; c < kWidth; ++c) acc[c] = 0.0f;
+    for (int l0 = 0; l0 < levels; l0 += kDecodeUnroll) {
+      float e[kDecodeUnroll][kWidth];
+#pragma unroll
+      for (int u = 0; u < kDecodeUnroll; ++u) {
+        if (l0 + u < levels) {
+          const float* src = level0 + decode_word(codes, rows, n, size, lane_word, l0 + u) * dim + i;
+          if constexpr (kVec4) {
+            const float4 v = __ldg(reinterpret_cast<const float4*>(src));
+            e[u][0] = v.x, e[u][1] = v.y, e[u][2] = v.z, e[u][3] = v.w;
+          } else {
+            e[u][0] = __ldg(src);
+          }
+        }
       }
-      *reinterpret_cast<float4*>(dst + i) = acc;
+#pragma unroll
+      for (int u = 0; u < kDecodeUnroll; ++u) {
+        if (l0 + u < levels) {
+#pragma unroll
+          for (int c = 0; c < kWidth; ++c) acc[c] = __fadd_rn(acc[c], e[u][c]);
+        }
+      }
     }
-  } else {
-    for (int i = lane; i < dim; i += 32) {
-      float acc = 0.0f;
-      for (int l = 0; l < levels; ++l) {
-        const int64_t word = static_cast<int64_t>(l) * size + codes[static_cast<int64_t>(l) * rows + n];
-        acc = __fadd_rn(acc, __ldg(level0 + word * dim + i));
-      }
-      dst[i] = acc;
+    if constexpr (kVec4) {
+      __stcs(reinterpret_cast<float4*>(dst + i), make_float4(acc[0], acc[1], acc[2], acc[3]));
+    } else {
+      __stcs(dst + i, acc[0]);
     }
   }
 }

@@ -39,9 +39,13 @@ _overrides: dict[str, dict] = {}
 
 def params(op: str, device: torch.device) -> dict:
     """Tuned launch parameters of `op` on `device` (with any active override() on top)."""
+    return params_for(op, _device_name(device))
+
+
+def params_for(op: str, name: str) -> dict:
+    """Tuned launch parameters of `op` on a device called `name` ("cpu" or a GPU's name)."""
     table = _table(op)
     chosen = dict(table["default"])
-    name = _device_name(device)
     # Every entry whose key occurs in the name applies, longer (more specific) keys last: a
     # measured "NVIDIA H100 80GB HBM3" entry refines the hand-written "H100" one.
     for key, entry in sorted(table.get("gpus", {}).items(), key=lambda item: len(item[0])):

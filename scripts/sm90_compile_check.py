@@ -1,5 +1,5 @@
 """Compiles every Triton kernel for sm_90a (H100/H200) at the shipped tuning, on any machine:
-no GPU is needed (Triton's bundled ptxas builds the cubin; its cuobjdump reports the resources).
+no GPU is needed (Triton's bundled ptxas builds it and, with -v, reports the resources).
 For each launch configuration the engine uses on a GPU it reports registers per thread, local
 memory per thread (register spills), shared memory, and whether the dots run on wgmma.
 
@@ -55,7 +55,8 @@ class Case:
 class Report:
     name: str
     registers: int = -1
-    local_bytes: int = -1  # per thread; > 0 means spills (or a stack array)
+    stack_bytes: int = -1  # stack frame per thread (spills, local arrays, call frames)
+    spill_bytes: int = -1  # register spill stores per thread
     shared_bytes: int = -1
     wgmma: int = 0  # wgmma.mma_async instructions (Hopper tensor cores)
     mma_sync: int = 0  # mma.sync instructions (Ampere-style tensor cores: small-M dots)
@@ -108,7 +109,7 @@ def cases(gpu: str) -> list[Case]:
                 f"lm_head {dt} BLOCK_B={block_b}", lm_head._lm_head_kernel,
                 dict(out_ptr="*fp32", x_ptr=f"*{dt}", norm_ptr=f"*{dt}", weight_ptr=f"*{dt}", rows_ptr="*i64",
                      batch="i32", hidden="i32", vocab="i32", x_stride="i32", eps="fp32"),
-                dict(BLOCK_B=block_b, BLOCK_V=h["block_v"], BLOCK_K=h["block_k"],
+                dict(BLOCK_B=block_b, BLOCK_V=h["block_v"], BLOCK_K=h["fp32_block_k" if dt == "fp32" else "block_k"],
                      DOT_PRECISION="ieee" if dt == "fp32" else "tf32"),
                 h["num_warps"], h["num_stages"], ("hidden", "x_stride")))
         for residual in (True, False):
@@ -145,7 +146,8 @@ def cases(gpu: str) -> list[Case]:
             dict(x_ptr="*fp32", x_row_stride="i32", cb_ptr="*fp32", low_ptr=f"*{low}", norms_ptr="*fp32",
                  emax_ptr="*fp32", demax_ptr="*fp32", codes_ptr="*i64", res_ptr="*fp32", rlow_ptr=f"*{low}",
                  q_ptr="*fp32", N="i32", D="i32", K="i32", L="i32"),
-            dict(PRECISION=precision, DOT_IN_FP32=False, HAS_Q=True, BM=r["triton_block_m"], BN=r["triton_block_n"],
+            dict(PRECISION=precision, DOT_IN_FP32=False, HAS_Q=True, BM=r["triton_block_m"],
+                 BN=r["triton_fp32_block_n" if precision == "fp32" else "triton_block_n"],
                  BK=r["triton_block_k"], C=r["triton_candidates"], SCAN=64),
             r["triton_num_warps"], r["triton_num_stages"], ("D", "K", "x_row_stride"), dots=precision == "bf16"))
     for levels in (8, 1):
@@ -179,13 +181,27 @@ def cases(gpu: str) -> list[Case]:
                         dict(out_ptr="*fp32", x_ptr=f"*{dt}", w_ptr=f"*{dt}", b_ptr="*fp32", M="i32", D="i32",
                              V="i32", x_stride_m="i32", x_stride_q="i32", out_stride_m="i32", out_stride_q="i32"),
                         dict(IEEE=dt == "fp32", BLOCK_M=ss["gemm_block_m"], BLOCK_N=ss["gemm_block_n"],
-                             BLOCK_K=ss["gemm_block_k"]),
+                             BLOCK_K=ss["gemm_fp32_block_k" if dt == "fp32" else "gemm_block_k"]),
                         ss["gemm_warps"], ss["gemm_stages"],
                         ("D", "V", "x_stride_m", "x_stride_q", "out_stride_m", "out_stride_q"), dots=dt == "bf16"))
     return out
 
 
 _TOOLS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+# Triton bundles more than one ptxas (newer PTX needs the newer one); the first that accepts
+# the PTX reports on it.
+_PTXAS = [os.path.join(_TOOLS, name) for name in ("ptxas-blackwell", "ptxas") if os.path.exists(os.path.join(_TOOLS, name))]
+
+
+def _ptxas_report(ptx: str) -> str:
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        for ptxas in _PTXAS:
+            run = subprocess.run([ptxas, "-v", "-arch=sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True)
+            if run.returncode == 0:
+                return run.stderr
+    return ""
 
 
 def compile_case(case: Case) -> Report:
@@ -202,25 +218,23 @@ def compile_case(case: Case) -> Report:
                                 options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
     except Exception as exc:  # the compiler's own error, reported per case
         return Report(case.name, error=f"{type(exc).__name__}: {str(exc)[-400:]}")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([os.path.join(_TOOLS, "cuobjdump"), "--dump-resource-usage", f.name],
-                               capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+) STACK:\d+ SHARED:\d+ LOCAL:(\d+)", usage)
-    if found is None:
-        return Report(case.name, error=f"cuobjdump gave no resource usage: {usage[-300:]!r}")
-    return Report(case.name, registers=int(found.group(1)), local_bytes=int(found.group(2)),
-                  shared_bytes=kernel.metadata.shared, wgmma=len(re.findall(r"wgmma\.mma_async", kernel.asm["ptx"])),
-                  mma_sync=len(re.findall(r"mma\.sync", kernel.asm["ptx"])))
+    ptx = kernel.asm["ptx"]
+    info = _ptxas_report(ptx)
+    registers = re.search(r"Used (\d+) registers", info)
+    frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", info)
+    if registers is None or frame is None:
+        return Report(case.name, error=f"no ptxas report (tried {_PTXAS}): {info[-300:]!r}")
+    return Report(case.name, registers=int(registers.group(1)), stack_bytes=int(frame.group(1)),
+                  spill_bytes=int(frame.group(2)), shared_bytes=kernel.metadata.shared,
+                  wgmma=len(re.findall(r"wgmma\.mma_async", ptx)), mma_sync=len(re.findall(r"mma\.sync", ptx)))
 
 
 def problems(case: Case, report: Report) -> list[str]:
     if report.error:
         return [report.error]
     found = []
-    if report.local_bytes:
-        found.append(f"spills {report.local_bytes} B per thread")
+    if report.spill_bytes:
+        found.append(f"spills {report.spill_bytes} B per thread")
     if report.shared_bytes > H100_SHARED_BYTES:
         found.append(f"needs {report.shared_bytes} B of shared memory")
     if case.dots and not report.wgmma:
@@ -248,7 +262,7 @@ def main() -> int:
     failed = 0
     reports = []
     print(f"# sm_90a compile check, Triton {triton.__version__}, tuning for {args.gpu!r}")
-    print(f"{'kernel':48} {'regs':>5} {'spill B':>8} {'smem KiB':>9} {'wgmma':>6} {'mma.sync':>8}")
+    print(f"{'kernel':48} {'regs':>5} {'spill B':>8} {'stack B':>8} {'smem KiB':>9} {'wgmma':>6} {'mma.sync':>8}")
     for case in all_cases:
         if args.only and not any(case.name.startswith(o) for o in args.only):
             continue
@@ -257,7 +271,8 @@ def main() -> int:
         if report.error:
             print(f"{case.name:48} FAILED {report.error}")
         else:
-            print(f"{case.name:48} {report.registers:5d} {report.local_bytes:8d} {report.shared_bytes / 1024:9.1f} "
+            print(f"{case.name:48} {report.registers:5d} {report.spill_bytes:8d} {report.stack_bytes:8d} "
+                  f"{report.shared_bytes / 1024:9.1f} "
                   f"{report.wgmma:6d} {report.mma_sync:8d}")
         if reports[-1]["problems"]:
             failed += 1

@@ -74,7 +74,9 @@ def _lm_head_kernel(out: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tenso
     from anygpt_engine.kernels import lm_head as kernels
 
     params = tuning.params("lm_head", x.device)
-    kernels.lm_head(out, x, norm_weight, weight, rows, eps, block_v=params["block_v"], block_k=params["block_k"],
+    # float32 tiles (no tensor cores) take a shorter k step to stay in registers.
+    block_k = params["fp32_block_k" if x.dtype == torch.float32 else "block_k"]
+    kernels.lm_head(out, x, norm_weight, weight, rows, eps, block_v=params["block_v"], block_k=block_k,
                     num_warps=params["num_warps"], num_stages=params["num_stages"])
 
 

@@ -327,8 +327,10 @@ def rvq_encode(x: torch.Tensor, codebooks, *, return_quantized: bool = False, re
         if face == "triton":
             prec = precision or params["triton_precision"]
             low, demax = cb.low_precision(prec)
+            # The float32 search (no tensor cores) takes narrower tiles to stay in registers.
+            block_n = params["triton_fp32_block_n" if prec == "fp32" else "triton_block_n"]
             _rvq_encode_triton(codes, residual, quantized, x2, cb.embed, low, cb.norms, cb.emax, demax, prec,
-                               params["triton_block_m"], params["triton_block_n"], params["triton_block_k"],
+                               params["triton_block_m"], block_n, params["triton_block_k"],
                                params["triton_candidates"], params["triton_num_warps"], params["triton_num_stages"])
         else:
             _rvq_encode_cuda(codes, residual, quantized, x2, cb.embed, cb.cuda_workspace())

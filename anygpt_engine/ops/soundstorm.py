@@ -319,8 +319,10 @@ def _grouped_linear_kernel(out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     from anygpt_engine.kernels import soundstorm as kernels
 
     params = tuning.params("soundstorm", x.device)
+    # float32 tiles (no tensor cores) take a shorter k step to stay in registers.
+    block_k = params["gemm_fp32_block_k" if x.dtype == torch.float32 else "gemm_block_k"]
     kernels.grouped_linear(out, x, weight, bias, block_m=params["gemm_block_m"], block_n=params["gemm_block_n"],
-                           block_k=params["gemm_block_k"], num_warps=params["gemm_warps"],
+                           block_k=block_k, num_warps=params["gemm_warps"],
                            num_stages=params["gemm_stages"])
 
 

@@ -35,11 +35,12 @@ SHAPES = {"speechtokenizer 8x1024x1024": (8, 1024, 1024), "encodec 4x2048x128": 
           "seed 1x8192x32": (1, 8192, 32)}
 FULL_SIZES = (500, 2000, 8000, 32000, 64000)
 QUICK_SIZES = (16,)
-# Triton encoder tiles (block_m, block_n, block_k, candidates, warps, stages): each compiles for
-# sm_90a with Triton 3.6 without spills, its dots on wgmma (benchmarks/RESULTS.md). 128-row
+# Triton encoder tiles (block_m, block_n, block_k, candidates, warps, stages): each compiled for
+# sm_90a with Triton 3.6 without spills (scripts/sm90_compile_check.py, 2026-11-26). 128-row
 # blocks halve the codebook's L2 traffic; 4 warps let two programs share an SM, one selecting
-# candidates while the other multiplies.
-ENCODE_TILES = [(64, 128, 64, 16, 8, 3), (64, 128, 64, 16, 4, 3), (128, 128, 64, 16, 8, 3), (64, 256, 64, 16, 8, 3)]
+# candidates while the other multiplies; 8 candidates suffice when few values come near the
+# minimum (overflow falls back to an exact full scan, so any choice stays exact).
+ENCODE_TILES = [(64, 128, 64, 16, 8, 3), (128, 64, 64, 16, 8, 3), (64, 64, 64, 8, 4, 3), (64, 128, 64, 8, 8, 4)]
 DECODE_BLOCKS = (256, 512, 1024)
 
 

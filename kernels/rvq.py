@@ -2,8 +2,10 @@
 
 Encode, per program of BLOCK_M rows, for every level:
   1. candidate search: approximate distances A = ||E_j||^2 - 2 r.E_j, BLOCK_N codewords at a time
-     (tl.dot in fp32, tf32 or bf16), folded into an unsorted buffer of the C smallest per row;
-     every value leaving or never entering the buffer lowers `drop_min`;
+     (tl.dot in fp32, tf32 or bf16); values above the running row minimum plus the margin are
+     dropped at once (they can never be candidates), the rest folded into an unsorted buffer of
+     the C smallest per row; every such value leaving or never entering the buffer lowers
+     `drop_min`;
   2. exact rescoring of the buffered candidates within the margin (ops.rvq.margin) of the row's
      minimum, in float64 and the contract's fixed lane/butterfly order; a row with
      drop_min <= threshold may have more candidates than the buffer held, and is rescored
@@ -137,6 +139,8 @@ def _rvq_encode_kernel(x_ptr, x_row_stride, cb_ptr, low_ptr, norms_ptr, emax_ptr
         vals = tl.full([BM, C], inf, tl.float32)
         idxs = tl.full([BM, C], K, tl.int32)
         drop_min = tl.full([BM], inf, tl.float32)
+        marg = _margin(tl.sqrt(norm2), tl.sqrt(err2), tl.load(emax_ptr + level), tl.load(demax_ptr + level), D)
+        run_min = tl.full([BM], inf, tl.float32)
         for n0 in range(0, K, BN):
             js = n0 + ns
             j_ok = js < K
@@ -167,6 +171,12 @@ def _rvq_encode_kernel(x_ptr, x_row_stride, cb_ptr, low_ptr, norms_ptr, emax_ptr
                     acc = tl.dot(a, b, acc, input_precision="ieee")
             norms = tl.load(norms_ptr + level * K + js, mask=j_ok, other=inf)
             dist = tl.where(j_ok[None, :], norms[None, :] - 2.0 * acc, inf)
+            # The final threshold is the final minimum plus the margin, and the minimum only
+            # falls: a value above the running minimum plus the margin can never be a candidate
+            # (rounding is monotonic, so this holds in float32 too). Dropping those here leaves
+            # the buffer only near-best values, so the insertion rounds below stay few.
+            run_min = tl.minimum(run_min, tl.min(dist, axis=1))
+            dist = tl.where(dist <= (run_min + marg)[:, None], dist, inf)
             # Only values below a row's current worst kept can enter; that many rounds (at most C)
             # move them in smallest first, each evicting the worst kept into drop_min.
             worst = tl.max(vals, axis=1)
@@ -183,8 +193,7 @@ def _rvq_encode_kernel(x_ptr, x_row_stride, cb_ptr, low_ptr, norms_ptr, emax_ptr
                 dist = tl.where(ns[None, :] == targ[:, None], inf, dist)
             drop_min = tl.minimum(drop_min, tl.min(dist, axis=1))
 
-        thr = tl.min(vals, axis=1) + _margin(tl.sqrt(norm2), tl.sqrt(err2), tl.load(emax_ptr + level),
-                                             tl.load(demax_ptr + level), D)
+        thr = tl.min(vals, axis=1) + marg
         # Exact rescoring, one candidate per row per step, as many steps as the busiest row needs.
         remaining = (vals <= thr[:, None]) & (idxs < K)
         steps = tl.max(tl.sum(remaining.to(tl.int32), axis=1), axis=0)

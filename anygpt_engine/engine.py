@@ -10,7 +10,8 @@ continuous-batching scheduler, and (on CUDA) decode steps replayed as CUDA graph
         for out in engine.step(): ...                  # out.new_token_ids, out.finished
 
 Each step decodes one token for every running request and spends the rest of its token
-budget on prefill chunks. The decode step (embedding through sampling) is device-only work;
+budget on prefill chunks, packed into one forward (varlen attention keeps each chunk to its
+own sequence). The decode step (embedding through sampling) is device-only work;
 the host reads the sampled ids once per step to update the requests. Nothing is global:
 engines with different models coexist in one process.
 """
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from anygpt_engine.config import ANYGPT_VOCAB_SIZE, PRESETS, ModelConfig
-from anygpt_engine.models.llama import Llama
+from anygpt_engine.models.llama import Llama, PrefillRuns
 from anygpt_engine.profiling import nvtx_range
 from anygpt_engine.runtime.graphs import DecodeGraphs, DecodeInputs, buckets
 from anygpt_engine.runtime.kv_cache import BlockManager, PagedKVCache
@@ -273,11 +274,8 @@ class Engine:
             if schedule.decodes:
                 tokens = self._decode(schedule.decodes)
                 sampled += zip(schedule.decodes, tokens)
-            finishing = [(chunk.request, self._prefill(chunk)) for chunk in schedule.prefills]
-            finishing = [(request, logits) for request, logits in finishing if logits is not None]
-            if finishing:
-                last_logits = torch.stack([logits for _, logits in finishing])
-                requests = [request for request, _ in finishing]
+            requests, last_logits = self._prefill(schedule.prefills)
+            if requests:
                 slots = torch.tensor([r.slot for r in requests], device=self.device)
                 with nvtx_range("anygpt/sample"):
                     tokens = sample(last_logits, slots, self.sampling_state, self.constraint,
@@ -325,26 +323,48 @@ class Engine:
     def _slot_of(self, table: list[int], position: int) -> int:
         return table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def _prefill(self, chunk: PrefillChunk):
-        """Runs one prefill chunk; returns the float32 logits of its last token when the chunk
-        completes the request's tokens (they are then sampled), else None."""
-        request = chunk.request
-        table = self.scheduler.blocks.tables[request.request_id].blocks
-        positions = list(range(chunk.start, chunk.end))
+    def _prefill(self, chunks: list[PrefillChunk]) -> tuple[list[Request], torch.Tensor | None]:
+        """Runs this step's prefill chunks packed into one forward (each chunk a run of the
+        varlen attention over its own sequence). Returns the requests whose prompt (or
+        recomputed context) is now complete, and float32 logits [n, V] of their last tokens,
+        to be sampled."""
+        if not chunks:
+            return [], None
+        tokens, positions, slots, tables, cu, last = [], [], [], [], [0], []
+        for chunk in chunks:
+            request = chunk.request
+            table = self.scheduler.blocks.tables[request.request_id].blocks
+            span = range(chunk.start, chunk.end)
+            tokens += request.tokens[chunk.start:chunk.end]
+            positions += span
+            slots += [self._slot_of(table, p) for p in span]
+            tables.append(table[:-(-chunk.end // self.block_size)])
+            cu.append(cu[-1] + len(span))
+            if chunk.is_last:
+                last.append(cu[-1] - 1)
+        width = max(len(t) for t in tables)
+        device = self.device
+        runs = PrefillRuns(
+            cu_seqlens_q=torch.tensor(cu, device=device),
+            kv_lens=torch.tensor([chunk.end for chunk in chunks], device=device),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device),
+            max_q_len=max(chunk.end - chunk.start for chunk in chunks),
+        )
         with nvtx_range("anygpt/prefill"):
-            h = self.model(
-                torch.tensor([request.tokens[chunk.start:chunk.end]], device=self.device),
-                torch.tensor([positions], device=self.device),
-                self.kv_cache.layers,
-                torch.tensor([[self._slot_of(table, p) for p in positions]], device=self.device),
-                torch.tensor([table[:-(-chunk.end // self.block_size)]], device=self.device),
-            )
-            request.num_computed = chunk.end
-            self.scheduler.blocks.commit(request.request_id, request.tokens[:chunk.end])
-            if not chunk.is_last:
-                return None
-            request.prefilled = True
-            return self.model.logits(h[0, -1])
+            h = self.model(torch.tensor([tokens], device=device), torch.tensor([positions], device=device),
+                           self.kv_cache.layers, torch.tensor([slots], device=device), runs.block_tables,
+                           runs=runs)
+            finished = []
+            for chunk in chunks:
+                request = chunk.request
+                request.num_computed = chunk.end
+                self.scheduler.blocks.commit(request.request_id, request.tokens[:chunk.end])
+                if chunk.is_last:
+                    request.prefilled = True
+                    finished.append(request)
+            if not finished:
+                return [], None
+            return finished, self.model.logits(h[0, torch.tensor(last, device=device)])
 
     def _decode_forward(self, inputs: DecodeInputs, work: SamplerWork = SamplerWork.ALL) -> torch.Tensor:
         """Embedding through sampling for one token per row: device work only (graph-safe)."""

@@ -15,10 +15,14 @@ Rotary embedding is HF's rotate-half form (computed in float32, rounded once), s
 checkpoints load without permuting q/k.
 Norms run through ops.rms_norm with the residual add fused in; accumulation is float32.
 Attention reads and writes the paged KV cache (layout in runtime/kv_cache.py); prefill chunks
-and decode steps are the same code with different shapes.
+and decode steps are the same code with different shapes. A prefill may pack chunks of several
+sequences into one row of tokens (PrefillRuns): every matmul then sees all of them at once, and
+attention keeps each run to its own sequence.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +33,18 @@ from anygpt_engine.config import ModelConfig
 from anygpt_engine.ops import attention
 from anygpt_engine.ops.lm_head import lm_head
 from anygpt_engine.profiling import nvtx_range
+
+
+@dataclass
+class PrefillRuns:
+    """A packed prefill: tokens [1, T] hold runs of consecutive positions, one per sequence.
+    cu_seqlens_q [R + 1] (int64) delimits the runs; kv_lens [R] is each sequence's context
+    after its run (cached prefix + run); block_tables [R, nb] their blocks (padding entries are
+    never read); max_q_len the longest run."""
+    cu_seqlens_q: torch.Tensor
+    kv_lens: torch.Tensor
+    block_tables: torch.Tensor
+    max_q_len: int
 
 
 class Block(nn.Module):
@@ -77,12 +93,12 @@ class Llama(nn.Module):
     # -- pieces --------------------------------------------------------------------------------
     def attention(self, block: Block, h: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                   slot_mapping: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor,
-                  cu_seqlens_q: torch.Tensor | None) -> torch.Tensor:
+                  runs: PrefillRuns | None) -> torch.Tensor:
         """h [B, S, H] at `positions` [B, S]. Rotates q and k, writes each token's k/v to its
         cache slot (`slot_mapping` [B, S]) in `kv` [2, blocks, block_size, Hkv, D], then attends
-        causally over each row's first kv_lens[b] cached tokens (`block_tables` [B, nb]). S == 1
-        is a decode step (one token per row); S > 1 is a prefill chunk of one sequence (B == 1,
-        its query run given by cu_seqlens_q)."""
+        causally. Without runs it is a decode step: one token per row over the row's first
+        kv_lens[b] cached tokens (`block_tables` [B, nb]); with runs, a packed prefill (B == 1)
+        whose runs attend to their own sequences."""
         c = self.config
         b, s, _ = h.shape
         qkv = F.linear(h, block.wqkv).view(b * s, -1)
@@ -91,11 +107,11 @@ class Llama(nn.Module):
         v = qkv[:, c.q_size + c.kv_size:].view(b * s, c.num_kv_heads, c.head_dim)
         attention.rope_kv_append(q, k, v, positions.reshape(-1), slot_mapping.reshape(-1), kv[0], kv[1],
                                  self.inv_freq)
-        if cu_seqlens_q is None:
+        if runs is None:
             out = attention.paged_decode_attention(q, kv[0], kv[1], block_tables, kv_lens)
         else:
-            out = attention.varlen_attention(q, kv[0], kv[1], cu_seqlens_q, s, causal=True, kv_lens=kv_lens,
-                                             block_tables=block_tables)
+            out = attention.varlen_attention(q, kv[0], kv[1], runs.cu_seqlens_q, runs.max_q_len, causal=True,
+                                             kv_lens=runs.kv_lens, block_tables=runs.block_tables)
         return F.linear(out.view(b, s, c.q_size), block.wo)
 
     @staticmethod
@@ -105,26 +121,29 @@ class Llama(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_layers: list[torch.Tensor],
-                slot_mapping: torch.Tensor, block_tables: torch.Tensor, final_norm: bool = True) -> torch.Tensor:
+                slot_mapping: torch.Tensor, block_tables: torch.Tensor, final_norm: bool = True,
+                runs: PrefillRuns | None = None) -> torch.Tensor:
         """Hidden states [B, S, H] of `tokens` [B, S] at `positions` [B, S], with the paged cache
-        `kv_layers` (one tensor per layer) read and written in place. final_norm=False returns
-        them before the final RMSNorm, for `head`, which fuses it."""
+        `kv_layers` (one tensor per layer) read and written in place. S == 1 is a decode step;
+        S > 1 a prefill chunk of one sequence (B == 1), or of several packed as `runs` (then
+        block_tables is unused). final_norm=False returns the states before the final RMSNorm,
+        for `head`, which fuses it."""
         c = self.config
         b, s = tokens.shape
         kv_lens = positions[:, -1] + 1  # each row's context after this step (shared by every layer)
-        cu_seqlens_q = None
-        if s > 1:
+        if runs is None and s > 1:
             if b != 1:
-                raise ValueError(f"a prefill chunk is one sequence, got a batch of {b}")
-            cu_seqlens_q = torch.tensor([0, s], device=tokens.device)
+                raise ValueError(f"a prefill chunk is one sequence, got a batch of {b} (pack them as runs)")
+            runs = PrefillRuns(torch.tensor([0, s], device=tokens.device), kv_lens, block_tables, s)
+        elif runs is not None and b != 1:
+            raise ValueError(f"a packed prefill is one row of tokens [1, T], got a batch of {b}")
         with nvtx_range("anygpt/op/embedding"):
             residual = F.embedding(tokens, self.tok_embeddings)
         with nvtx_range("anygpt/op/rms_norm"):
             h = ops.rms_norm(residual, self.layers[0].attention_norm, c.rms_norm_eps)
         for i, block in enumerate(self.layers):
             with nvtx_range("anygpt/op/attention"):
-                attn = self.attention(block, h, positions, kv_layers[i], slot_mapping, block_tables, kv_lens,
-                                      cu_seqlens_q)
+                attn = self.attention(block, h, positions, kv_layers[i], slot_mapping, block_tables, kv_lens, runs)
             with nvtx_range("anygpt/op/rms_norm"):
                 h = ops.rms_norm(attn, block.ffn_norm, c.rms_norm_eps, residual=residual)
             with nvtx_range("anygpt/op/mlp"):

@@ -35,12 +35,14 @@ SHAPES = {"speechtokenizer 8x1024x1024": (8, 1024, 1024), "encodec 4x2048x128": 
           "seed 1x8192x32": (1, 8192, 32)}
 FULL_SIZES = (500, 2000, 8000, 32000, 64000)
 QUICK_SIZES = (16,)
-# Triton encoder tiles (block_m, block_n, block_k, candidates, warps, stages): each compiled for
+# Triton encoder tiles (block_m, block_n, block_k, candidates, warps, stages, tma): each compiled for
 # sm_90a with Triton 3.6 without spills (scripts/sm90_compile_check.py, 2026-11-26). 128-row
 # blocks halve the codebook's L2 traffic; 4 warps let two programs share an SM, one selecting
 # candidates while the other multiplies; 8 candidates suffice when few values come near the
-# minimum (overflow falls back to an exact full scan, so any choice stays exact).
-ENCODE_TILES = [(64, 128, 64, 16, 8, 3), (128, 64, 64, 16, 8, 3), (64, 64, 64, 8, 4, 3), (64, 128, 64, 8, 8, 4)]
+# minimum (overflow falls back to an exact full scan, so any choice stays exact); tma reads the
+# codeword tiles through a TMA descriptor instead of per-element loads.
+ENCODE_TILES = [(64, 128, 64, 16, 8, 3, False), (64, 128, 64, 16, 8, 3, True), (128, 64, 64, 16, 8, 3, False),
+                (64, 64, 64, 8, 4, 3, False), (64, 128, 64, 8, 8, 4, True)]
 DECODE_BLOCKS = (256, 512, 1024)
 
 
@@ -127,13 +129,13 @@ def sweep(n: int, reps: int, device: torch.device) -> tuple[list[dict], dict]:
     decoded = torch_loop_decode(exact, embed)
     flops, decode_bytes = 2.0 * n * size * dim * levels, 4.0 * n * dim * (levels + 1)
     rows, enc, dec = [], {}, {}
-    for bm, bn, bk, c, warps, stages in ENCODE_TILES:
+    for bm, bn, bk, c, warps, stages, tma in ENCODE_TILES:
         config = dict(triton_block_m=bm, triton_block_n=bn, triton_block_k=bk, triton_candidates=c,
-                      triton_num_warps=warps, triton_num_stages=stages)
+                      triton_num_warps=warps, triton_num_stages=stages, triton_tma=tma)
         with tuning.override("rvq", **config):
             same = bool(torch.equal(ops.rvq_encode(x, book, backend="triton"), exact))
             ms = timed(lambda: ops.rvq_encode(x, book, backend="triton"), reps)
-        name = f"triton {bm}x{bn}x{bk} c{c} w{warps} s{stages}"
+        name = f"triton {bm}x{bn}x{bk} c{c} w{warps} s{stages}{' tma' if tma else ''}"
         rows.append(dict(op="encode", shape="sweep", n=n, face=name, ms=ms, tflops=flops / ms / 1e9, identical=same,
                          speedup=float("nan")))
         if same and ms < enc.get("triton", (float("inf"),))[0]:

@@ -105,11 +105,16 @@ def _scan_all(res_ptr, cb_ptr, row, D, K, SCAN: tl.constexpr):
 
 
 @triton.jit
-def _rvq_encode_kernel(x_ptr, x_row_stride, cb_ptr, low_ptr, norms_ptr, emax_ptr, demax_ptr, codes_ptr, res_ptr,
+def _rvq_encode_kernel(x_ptr, x_row_stride, cb_ptr, low, norms_ptr, emax_ptr, demax_ptr, codes_ptr, res_ptr,
                        rlow_ptr, q_ptr, N, D, K, L,
                        PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, HAS_Q: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
+                       B_TMA: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, C: tl.constexpr,
                        SCAN: tl.constexpr):
+    # `low` holds the codebooks at the search precision (the float32 codebooks for fp32): a
+    # pointer, or with B_TMA a tensor descriptor of them as [L*K, D] in [BN, BK] boxes, so the
+    # codeword tiles (the kernel's main memory traffic) arrive by TMA with no per-element
+    # addresses in registers. Only read-only data goes through TMA: the residual this kernel
+    # writes is read back by ordinary loads (TMA reads would need an async-proxy fence).
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
@@ -135,7 +140,6 @@ def _rvq_encode_kernel(x_ptr, x_row_stride, cb_ptr, low_ptr, norms_ptr, emax_ptr
 
     for level in range(L):
         cb_l = cb_ptr + level * K * D  # L*K*D < 2^31 (checked by the op)
-        low_l = low_ptr + level * K * D
         vals = tl.full([BM, C], inf, tl.float32)
         idxs = tl.full([BM, C], K, tl.int32)
         drop_min = tl.full([BM], inf, tl.float32)
@@ -150,25 +154,26 @@ def _rvq_encode_kernel(x_ptr, x_row_stride, cb_ptr, low_ptr, norms_ptr, emax_ptr
                 c_ok = cols < D
                 a_ptrs = rows64[:, None] * D + cols[None, :]
                 a_mask = row_ok[:, None] & c_ok[None, :]
-                b_ptrs = js.to(tl.int64)[None, :] * D + cols[:, None]
-                b_mask = j_ok[None, :] & c_ok[:, None]
-                if PRECISION == "bf16":
+                if B_TMA:
+                    # Rows past this level's K are the next level's (masked below via j_ok) or
+                    # zero-filled past the end, as are columns past D.
+                    b = tl.trans(low.load([level * K + n0, d0]))
+                else:
+                    b_ptrs = level * K * D + js[None, :] * D + cols[:, None]
+                    b = tl.load(low + b_ptrs, mask=j_ok[None, :] & c_ok[:, None], other=0.0)
+                if PRECISION == "fp32":
+                    a = tl.load(res_ptr + a_ptrs, mask=a_mask, other=0.0)
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+                else:
                     a = tl.load(rlow_ptr + a_ptrs, mask=a_mask, other=0.0)
-                    b = tl.load(low_l + b_ptrs, mask=b_mask, other=0.0)
-                    if DOT_IN_FP32:
+                    if PRECISION == "tf32":
+                        # Operands pre-rounded to tf32: the tensor cores' own conversion is exact.
+                        acc = tl.dot(a, b, acc, input_precision="tf32")
+                    elif DOT_IN_FP32:
                         # The interpreter's bf16 dot is broken; bf16 products are exact in fp32.
                         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
                     else:
                         acc = tl.dot(a, b, acc)
-                elif PRECISION == "tf32":
-                    # Operands pre-rounded to tf32: the tensor cores' own conversion is exact.
-                    a = tl.load(rlow_ptr + a_ptrs, mask=a_mask, other=0.0)
-                    b = tl.load(low_l + b_ptrs, mask=b_mask, other=0.0)
-                    acc = tl.dot(a, b, acc, input_precision="tf32")
-                else:
-                    a = tl.load(res_ptr + a_ptrs, mask=a_mask, other=0.0)
-                    b = tl.load(cb_l + b_ptrs, mask=b_mask, other=0.0)
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
             norms = tl.load(norms_ptr + level * K + js, mask=j_ok, other=inf)
             dist = tl.where(j_ok[None, :], norms[None, :] - 2.0 * acc, inf)
             # The final threshold is the final minimum plus the margin, and the minimum only
@@ -240,20 +245,31 @@ def _rvq_encode_kernel(x_ptr, x_row_stride, cb_ptr, low_ptr, norms_ptr, emax_ptr
         tl.debug_barrier()  # the next level reads the residual written by other threads
 
 
+def tma_compatible(t) -> bool:
+    """A contiguous tensor TMA can read as 2-D rows: 16-byte aligned base and row pitch."""
+    return t.is_contiguous() and t.data_ptr() % 16 == 0 and t.shape[-1] * t.element_size() % 16 == 0
+
+
 def rvq_encode(codes, residual, quantized, x, embed, low, norms, emax, demax, *, precision: str, dot_in_fp32: bool,
-               block_m: int, block_n: int, block_k: int, candidates: int, num_warps: int, num_stages: int) -> None:
+               block_m: int, block_n: int, block_k: int, candidates: int, num_warps: int, num_stages: int,
+               tma: bool) -> None:
     """Encodes x [N, D] (unit column stride) into codes [L, N]; residual [N, D] float32 receives the
     final residual; quantized [N, D] (zero-filled, or None) receives the sum of chosen codewords.
     embed [L, K, D] float32; low its copy rounded to the search precision (embed for fp32);
-    norms [L, K]; emax, demax [L]: largest codeword norm and rounding-error norm per level."""
+    norms [L, K]; emax, demax [L]: largest codeword norm and rounding-error norm per level.
+    tma: read codeword tiles through a TMA descriptor (the caller checks tma_compatible(low))."""
     n, dim = x.shape
     levels, size, _ = embed.shape
     rlow = residual if precision == "fp32" else residual.new_empty((n, dim), dtype=low.dtype)
     block_m = min(block_m, max(16, triton.next_power_of_2(n)))  # few rows: no padded block
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        low = TensorDescriptor.from_tensor(low.view(levels * size, dim), [block_n, block_k])
     _rvq_encode_kernel[(triton.cdiv(n, block_m),)](
         x, x.stride(0), embed, low, norms, emax, demax, codes, residual, rlow,
         quantized if quantized is not None else residual, n, dim, size, levels,
-        PRECISION=precision, DOT_IN_FP32=dot_in_fp32, HAS_Q=quantized is not None,
+        PRECISION=precision, DOT_IN_FP32=dot_in_fp32, HAS_Q=quantized is not None, B_TMA=tma,
         BM=block_m, BN=block_n, BK=block_k, C=candidates, SCAN=64, num_warps=num_warps, num_stages=num_stages,
     )
 

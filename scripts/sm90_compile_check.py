@@ -140,14 +140,16 @@ def cases(gpu: str) -> list[Case]:
             dict(GREEDY=False, HAS_UNIFORM=False, KEY_BITS=key_bits, ROWS=g["triton_rows"], BLOCK_V=1024,
                  SELECT_BLOCK=g["triton_select_block"]), g["triton_num_warps"]))
     r = p["rvq"]
-    for precision, low in (("bf16", "bf16"), ("tf32", "fp32"), ("fp32", "fp32")):
+    for precision, dtype, tma in (("bf16", "bf16", False), ("bf16", "bf16", True), ("tf32", "fp32", False),
+                                  ("fp32", "fp32", False)):
+        block_n = r["triton_block_n" if precision == "bf16" else "triton_fp32_block_n"]
+        low = f"tensordesc<{dtype}[{block_n}, {r['triton_block_k']}]>" if tma else f"*{dtype}"
         out.append(Case(
-            f"rvq_encode {precision}", rvq._rvq_encode_kernel,
-            dict(x_ptr="*fp32", x_row_stride="i32", cb_ptr="*fp32", low_ptr=f"*{low}", norms_ptr="*fp32",
-                 emax_ptr="*fp32", demax_ptr="*fp32", codes_ptr="*i64", res_ptr="*fp32", rlow_ptr=f"*{low}",
+            f"rvq_encode {precision}{' tma' if tma else ''}", rvq._rvq_encode_kernel,
+            dict(x_ptr="*fp32", x_row_stride="i32", cb_ptr="*fp32", low=low, norms_ptr="*fp32",
+                 emax_ptr="*fp32", demax_ptr="*fp32", codes_ptr="*i64", res_ptr="*fp32", rlow_ptr=f"*{dtype}",
                  q_ptr="*fp32", N="i32", D="i32", K="i32", L="i32"),
-            dict(PRECISION=precision, DOT_IN_FP32=False, HAS_Q=True, BM=r["triton_block_m"],
-                 BN=r["triton_fp32_block_n" if precision == "fp32" else "triton_block_n"],
+            dict(PRECISION=precision, DOT_IN_FP32=False, HAS_Q=True, B_TMA=tma, BM=r["triton_block_m"], BN=block_n,
                  BK=r["triton_block_k"], C=r["triton_candidates"], SCAN=64),
             r["triton_num_warps"], r["triton_num_stages"], ("D", "K", "x_row_stride"), dots=precision == "bf16"))
     for levels in (8, 1):

@@ -34,7 +34,7 @@ def scratch_tables(tmp_path, monkeypatch):
 def test_rvq_sweep_checks_codes_and_orders_faces(scratch_tables, monkeypatch):
     bench = _load("bench_rvq")
     monkeypatch.setitem(bench.SHAPES, "speechtokenizer 8x1024x1024", (2, 40, 16))
-    monkeypatch.setattr(bench, "ENCODE_TILES", [(16, 32, 16, 4, 4, 2), (32, 64, 16, 8, 4, 2)])
+    monkeypatch.setattr(bench, "ENCODE_TILES", [(16, 32, 16, 4, 4, 2, False), (32, 64, 16, 8, 4, 2, True)])
     monkeypatch.setattr(bench, "DECODE_BLOCKS", (16, 32))
     rows, values = bench.sweep(23, 1, torch.device("cpu"))
     assert [r["face"].split()[0] for r in rows] == ["triton"] * 4

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from anygpt_engine import ops
+from anygpt_engine import ops, tuning
 from anygpt_engine.ops import rvq
 from anygpt_engine.ops._extension import extension
 from conftest import HAS_GPU, poison
@@ -186,7 +186,7 @@ def test_triton_kernel_writes_every_output():
     low, demax = cb.low_precision("fp32")
     triton_rvq.rvq_encode(codes, residual, quantized, x, cb.embed, low, cb.norms, cb.emax, demax, precision="fp32",
                           dot_in_fp32=True, block_m=16, block_n=64, block_k=32, candidates=4, num_warps=4,
-                          num_stages=2)
+                          num_stages=2, tma=False)
     assert_same_encoding(ops.RVQEncoding(codes, quantized, residual), expected)
 
 
@@ -210,6 +210,24 @@ def test_batched_strided_and_low_precision_inputs(face):
         expected = ops.rvq_encode_reference(low.float(), cb)
         assert torch.equal(got.codes.reshape(3, -1), expected.codes)
         assert torch.equal(bits(got.residual.reshape(-1, 48)), bits(expected.residual))
+
+
+@pytest.mark.parametrize("precision", rvq.PRECISIONS)
+def test_triton_codeword_tiles_through_tma_give_the_same_encoding(precision):
+    """K = 70 is not a multiple of the codeword tile: a tile's rows run into the next level's
+    codewords (masked) or past the last level (zero-filled by the descriptor)."""
+    cb = ops.RVQCodebooks(make_codebooks(3, 70, 40, seed=40))
+    x = torch.cat([random_frames(50, 40, seed=41), near_codeword_frames(cb.embed, 30, seed=42)])
+    expected = ops.rvq_encode_reference(x, cb)
+    with tuning.override("rvq", triton_tma=True, triton_block_n=32, triton_fp32_block_n=32, triton_block_k=16):
+        got = ops.rvq_encode(x, cb, backend="triton", precision=precision, return_quantized=True,
+                             return_residual=True)
+        # A row pitch TMA cannot use (45 floats = 180 bytes) falls back to pointer loads.
+        odd = ops.RVQCodebooks(make_codebooks(2, 30, 45, seed=43))
+        x_odd = random_frames(9, 45, seed=44)
+        assert torch.equal(ops.rvq_encode(x_odd, odd, backend="triton", precision=precision),
+                           ops.rvq_encode_reference(x_odd, odd).codes)
+    assert_same_encoding(got, expected)
 
 
 # ---- adversarial near-ties ------------------------------------------------------------------
@@ -457,6 +475,8 @@ def test_gpu_faces_match_reference(face, name, n):
     assert_same_encoding(got, expected)
     for precision in ("tf32", "bf16") if face == "triton" else ():
         assert torch.equal(ops.rvq_encode(x, cb, backend=face, precision=precision), expected.codes)
+        with tuning.override("rvq", triton_tma=True):
+            assert torch.equal(ops.rvq_encode(x, cb, backend=face, precision=precision), expected.codes)
     out = poison(torch.empty(n, dim, device="cuda"))
     ops.rvq_decode(expected.codes, cb, out=out, backend=face)
     assert torch.equal(bits(out), bits(expected.quantized))

@@ -327,11 +327,14 @@ def rvq_encode(x: torch.Tensor, codebooks, *, return_quantized: bool = False, re
         if face == "triton":
             prec = precision or params["triton_precision"]
             low, demax = cb.low_precision(prec)
-            # The float32 search (no tensor cores) takes narrower tiles to stay in registers.
-            block_n = params["triton_fp32_block_n" if prec == "fp32" else "triton_block_n"]
+            # Searches on float32 operands (fp32, tf32) take narrower tiles to stay in registers.
+            block_n = params["triton_block_n" if prec == "bf16" else "triton_fp32_block_n"]
+            from anygpt_engine.kernels.rvq import tma_compatible
+
             _rvq_encode_triton(codes, residual, quantized, x2, cb.embed, low, cb.norms, cb.emax, demax, prec,
                                params["triton_block_m"], block_n, params["triton_block_k"],
-                               params["triton_candidates"], params["triton_num_warps"], params["triton_num_stages"])
+                               params["triton_candidates"], params["triton_num_warps"], params["triton_num_stages"],
+                               params["triton_tma"] and tma_compatible(low))
         else:
             _rvq_encode_cuda(codes, residual, quantized, x2, cb.embed, cb.cuda_workspace())
     lead = x.shape[:-1]
@@ -346,17 +349,17 @@ def rvq_encode(x: torch.Tensor, codebooks, *, return_quantized: bool = False, re
 def _rvq_encode_triton(codes: torch.Tensor, residual: torch.Tensor, quantized: torch.Tensor | None, x: torch.Tensor,
                        embed: torch.Tensor, low: torch.Tensor, norms: torch.Tensor, emax: torch.Tensor,
                        demax: torch.Tensor, precision: str, block_m: int, block_n: int, block_k: int, candidates: int,
-                       num_warps: int, num_stages: int) -> None:
+                       num_warps: int, num_stages: int, tma: bool) -> None:
     from anygpt_engine.kernels import rvq as triton_rvq
 
     triton_rvq.rvq_encode(codes, residual, quantized, x, embed, low, norms, emax, demax, precision=precision,
                           dot_in_fp32=_interpreting(), block_m=block_m, block_n=block_n, block_k=block_k,
-                          candidates=candidates, num_warps=num_warps, num_stages=num_stages)
+                          candidates=candidates, num_warps=num_warps, num_stages=num_stages, tma=tma)
 
 
 @_rvq_encode_triton.register_fake
 def _(codes, residual, quantized, x, embed, low, norms, emax, demax, precision, block_m, block_n, block_k, candidates,
-      num_warps, num_stages):
+      num_warps, num_stages, tma):
     return None
 
 

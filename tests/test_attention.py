@@ -124,6 +124,28 @@ def test_varlen_bidirectional_with_key_padding(dtype, head_dim):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_varlen_causal_packed_runs_longer_or_shorter_than_their_keys(backend):
+    """Causal masking is bottom-right aligned for any pair of lengths: a run of 70 queries over
+    200 keys sees a prefix plus its band (unmasked blocks first); 70 queries over 20 keys leave
+    the first 50 with no key at all (zeros), and the rest see their band."""
+    g = torch.Generator().manual_seed(9)
+    q_lens, k_lens = [70, 70, 1], [200, 20, 1]
+    q = _rand((sum(q_lens), 4, 64), torch.float32, g)
+    k = _rand((sum(k_lens), 2, 64), torch.float32, g)
+    v = _rand((sum(k_lens), 2, 64), torch.float32, g)
+    cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), device=DEV)
+    cu_k = torch.tensor([0] + torch.tensor(k_lens).cumsum(0).tolist(), device=DEV)
+    out = poison(torch.empty_like(q))
+    A.varlen_attention(q, k, v, cu_q, max(q_lens), causal=True, cu_seqlens_k=cu_k, out=out, backend=backend)
+    for i in range(len(q_lens)):
+        rows, keys = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
+        expected = _attend64(q[rows], k[keys], v[keys], True).nan_to_num(0.0)  # rows with no key: 0
+        _check_rule(out[rows], expected, _same_precision(q[rows], k[keys], v[keys], True).nan_to_num(0.0),
+                    torch.float32)
+    assert bool((out[70:120] == 0).all()) and bool((out[:70] != 0).all())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_varlen_padded_batch_key_padding(backend):
     """A padded batch [B, N]: every frame attends to its own item's first lengths[b] frames."""
     g = torch.Generator().manual_seed(5)

@@ -5,9 +5,10 @@ over paged K/V, as the backbone runs it, and over packed K/V; contiguous for the
 Decode: B = 1..64, context 512..16384, 32 q heads / 32 kv heads, d = 128, block 16: achieved
 TB/s = K/V bytes read / time; the peer is SDPA over the same K/V stored contiguously.
 
-With --write-tuning it also times the prefill tile candidates (PREFILL_TILES) at S = 4096 and
-records, for this GPU in anygpt_engine/tuning/attention.json, the fastest tile and the faster
-decode face per measured shape.
+With --write-tuning it also times the prefill tile candidates (PREFILL_TILES) at S = 4096 over
+paged K/V and over packed K/V with and without TMA, and records for this GPU in
+anygpt_engine/tuning/attention.json the fastest paged tile, whether TMA speeds up the packed
+path at that tile, and the faster decode face per measured shape.
 
     python benchmarks/bench_attention.py [--json PATH] [--quick] [--write-tuning]
 """
@@ -24,7 +25,7 @@ from anygpt_engine.ops import attention as A
 
 # (block_m, block_n, warps, stages) for 16-bit prefill: each compiles for sm_90a with Triton 3.6
 # without register spills and uses wgmma (benchmarks/RESULTS.md); timing picks among them.
-PREFILL_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3)]
+PREFILL_TILES = [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)]
 
 
 def _time(fn):
@@ -81,23 +82,29 @@ def bench_prefill(rows, quick, dtype):
 
 
 def sweep_prefill_tiles(rows, dtype, s=4096):
-    """Times the paged prefill kernel with every PREFILL_TILES candidate (S = s, causal)."""
+    """Times the prefill kernel with every PREFILL_TILES candidate (S = s, causal): over paged
+    K/V (the cached-prefix path), and over packed K/V with pointer loads and with TMA."""
     q, k, v, k_cache, v_cache, table, lens, cu = _prefill_inputs(s, dtype)
     expected = A.varlen_attention(q, k_cache, v_cache, cu, s, kv_lens=lens, block_tables=table, backend="triton")
+    paths = {
+        "paged": lambda: A.varlen_attention(q, k_cache, v_cache, cu, s, kv_lens=lens, block_tables=table,
+                                            backend="triton"),
+        "packed": lambda: A.varlen_attention(q, k, v, cu, s, cu_seqlens_k=cu, backend="triton"),
+    }
     for block_m, block_n, warps, stages in PREFILL_TILES:
-        with tuning.override("attention", prefill_block_m=block_m, prefill_block_n=block_n, prefill_warps=warps,
-                             prefill_stages=stages):
-            run = lambda: A.varlen_attention(q, k_cache, v_cache, cu, s, kv_lens=lens,  # noqa: E731
-                                             block_tables=table, backend="triton")
-            try:
-                err = (run().float() - expected.float()).abs().max().item()
-                t = _time(run)
-            except Exception as exc:  # a tile this GPU cannot launch (shared memory): skip it
-                print(f"prefill tile {block_m}x{block_n} w{warps} s{stages}: {type(exc).__name__}: {exc}")
-                continue
-        rows.append(dict(kind="prefill_tile", impl=f"{block_m}x{block_n}_w{warps}_s{stages}", seq=s,
-                         median_ms=t * 1e3, tflops=_prefill_flops(s) / t / 1e12, vs_sdpa=float("nan"),
-                         tile=[block_m, block_n, warps, stages], max_diff_vs_default=err))
+        for path, tma in (("paged", False), ("packed", False), ("packed", True)):
+            with tuning.override("attention", prefill_block_m=block_m, prefill_block_n=block_n, prefill_warps=warps,
+                                 prefill_stages=stages, prefill_tma=tma):
+                name = f"{path}{'_tma' if tma else ''}_{block_m}x{block_n}_w{warps}_s{stages}"
+                try:
+                    err = (paths[path]().float() - expected.float()).abs().max().item()
+                    t = _time(paths[path])
+                except Exception as exc:  # a tile this GPU cannot launch (shared memory): skip it
+                    print(f"prefill {name}: {type(exc).__name__}: {exc}")
+                    continue
+            rows.append(dict(kind="prefill_tile", impl=name, seq=s, median_ms=t * 1e3,
+                             tflops=_prefill_flops(s) / t / 1e12, vs_sdpa=float("nan"), path=path, tma=tma,
+                             tile=[block_m, block_n, warps, stages], max_diff_vs_default=err))
 
 
 def bench_decode(rows, quick, dtype):
@@ -172,9 +179,13 @@ def write_tuning(rows, gpu_name):
     values = {}
     # A tile whose output strays from the default tile's beyond bf16 rounding is wrong, not fast.
     tiles = [r for r in rows if r["kind"] == "prefill_tile" and r["max_diff_vs_default"] < 1e-2]
-    if tiles:
-        block_m, block_n, warps, stages = min(tiles, key=lambda r: r["median_ms"])["tile"]
-        values.update(prefill_block_m=block_m, prefill_block_n=block_n, prefill_warps=warps, prefill_stages=stages)
+    paged = [r for r in tiles if r["path"] == "paged"]
+    if paged:  # the tile serves both paths; the engine's prefill runs over the paged cache
+        tile = min(paged, key=lambda r: r["median_ms"])["tile"]
+        values.update(zip(("prefill_block_m", "prefill_block_n", "prefill_warps", "prefill_stages"), tile))
+        packed = {r["tma"]: r["median_ms"] for r in tiles if r["path"] == "packed" and r["tile"] == tile}
+        if len(packed) == 2:
+            values["prefill_tma"] = packed[True] < packed[False]
     best = {}
     for r in rows:
         if r["kind"] == "decode" and r["impl"].startswith("engine_"):

@@ -104,20 +104,26 @@ def _key_offsets(keys, key_mask, seq, kv_head, k_start, block_tables_ptr, bt_str
 def _attend_keys(acc, m, l, q, q_pos, row_mask, k_ptr, v_ptr, first, last, kv_len, seq, kv_head, k_start,
                  block_tables_ptr, bt_stride, num_kv_heads, kv_token_stride, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-                 CAUSAL: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                 CAUSAL: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over keys [first, last) in BLOCK_N steps. MASKED=False is the hot loop:
     the caller guarantees every key is in range and visible to every row, so there are no
-    masks, and m is finite after the first step (no -inf guard)."""
+    masks, and m is finite after the first step (no -inf guard). With TMA, k_ptr and v_ptr are
+    descriptors of packed K/V as [tokens, kv_heads * HEAD_DIM] in [BLOCK_N, HEAD_DIM] boxes:
+    rows past a run's keys belong to the next run or are zero-filled, and are masked here."""
     d = tl.arange(0, HEAD_DIM)
     for start in range(first, last, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_mask = keys < kv_len
-        offs = _key_offsets(keys, key_mask, seq, kv_head, k_start, block_tables_ptr, bt_stride, num_kv_heads,
-                            kv_token_stride, HEAD_DIM, PAGED, PAGE, MASKED)
-        if MASKED:
-            k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=key_mask[:, None], other=0.0)
+        if TMA:
+            box = [(k_start + start).to(tl.int32), kv_head * HEAD_DIM]
+            k = k_ptr.load(box)
         else:
-            k = tl.load(k_ptr + offs[:, None] + d[None, :])
+            offs = _key_offsets(keys, key_mask, seq, kv_head, k_start, block_tables_ptr, bt_stride, num_kv_heads,
+                                kv_token_stride, HEAD_DIM, PAGED, PAGE, MASKED)
+            if MASKED:
+                k = tl.load(k_ptr + offs[:, None] + d[None, :], mask=key_mask[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptr + offs[:, None] + d[None, :])
         # float32 inputs stay float32 on tensor cores (ieee), not tf32: fp32 engines match the reference.
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
@@ -134,7 +140,9 @@ def _attend_keys(acc, m, l, q, q_pos, row_mask, k_ptr, v_ptr, first, last, kv_le
         p = tl.exp2(s - shift[:, None])
         alpha = tl.exp2(m - shift)
         l = l * alpha + tl.sum(p, axis=1)
-        if MASKED:
+        if TMA:
+            v = v_ptr.load(box)
+        elif MASKED:
             v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=key_mask[:, None], other=0.0)
         else:
             v = tl.load(v_ptr + offs[:, None] + d[None, :])
@@ -148,7 +156,7 @@ def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr,
                              q_stride, out_stride, kv_token_stride, bt_stride, num_q_heads, num_kv_heads, scale,
                              num_tiles, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
-                             PADDED_KEYS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                             PADDED_KEYS: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     head = tl.program_id(0)
     # Causal tiles further down a run see more keys: launch them first so the last wave is short.
     tile = num_tiles - 1 - tl.program_id(1)
@@ -188,34 +196,47 @@ def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr,
         end = kv_len
     acc, m, l = _attend_keys(acc, m, l, q, q_pos, row_mask, k_ptr, v_ptr, 0, full, kv_len, seq, kv_head, k_start,
                              block_tables_ptr, bt_stride, num_kv_heads, kv_token_stride, qk_scale, HEAD_DIM, BLOCK_N,
-                             PAGED, PAGE, CAUSAL, False, DOT_PRECISION)
+                             PAGED, PAGE, CAUSAL, False, TMA, DOT_PRECISION)
     acc, m, l = _attend_keys(acc, m, l, q, q_pos, row_mask, k_ptr, v_ptr, full, end, kv_len, seq, kv_head, k_start,
                              block_tables_ptr, bt_stride, num_kv_heads, kv_token_stride, qk_scale, HEAD_DIM, BLOCK_N,
-                             PAGED, PAGE, CAUSAL, True, DOT_PRECISION)
+                             PAGED, PAGE, CAUSAL, True, TMA, DOT_PRECISION)
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]  # rows without keys: zeros
     tl.store(out_ptr + (q_start + rows)[:, None] * out_stride + head * HEAD_DIM + d[None, :],
              round_to(out, out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
 
+def tma_rows_ok(t) -> bool:
+    """Packed K/V [T, H, D] (heads and elements contiguous) that TMA can read as [T, H * D] rows:
+    16-byte aligned base and token pitch."""
+    return t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+
+
 def varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, *, kv_lens=None, block_tables=None,
-                     cu_seqlens_k=None, block_m=64, block_n=64, num_warps=4, num_stages=2):
+                     cu_seqlens_k=None, block_m=64, block_n=64, num_warps=4, num_stages=2, tma=False):
     """q, out [Tq, Hq, D]. Paged: k, v are caches [blocks, page, Hkv, D] with kv_lens [B] and
     block_tables [B, nb]. Contiguous: k, v [Tk, Hkv, D] packed by cu_seqlens_k [B + 1], each run
-    holding kv_lens[b] valid keys when kv_lens is given (key padding), else all of them."""
+    holding kv_lens[b] valid keys when kv_lens is given (key padding), else all of them.
+    tma (packed K/V only; the caller checks tma_rows_ok): K/V tiles arrive by TMA."""
     batch = cu_seqlens_q.shape[0] - 1
     _, num_q_heads, head_dim = q.shape
     paged = block_tables is not None
     num_kv_heads = k.shape[-2]
     if batch == 0 or max_q_len == 0:
         return
+    kv_token_stride = 0 if paged else k.stride(0)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k, v = (TensorDescriptor(t, [t.shape[0], num_kv_heads * head_dim], [t.stride(0), 1], [block_n, head_dim])
+                for t in (k, v))
     num_tiles = triton.cdiv(max_q_len, block_m)
     _varlen_attention_kernel[(num_q_heads, num_tiles, batch)](
         out, q, k, v, cu_seqlens_q, kv_lens if kv_lens is not None else cu_seqlens_q,
         cu_seqlens_k if not paged else cu_seqlens_q, block_tables if paged else cu_seqlens_q,
-        q.stride(0), out.stride(0), 0 if paged else k.stride(0), block_tables.stride(0) if paged else 0,
+        q.stride(0), out.stride(0), kv_token_stride, block_tables.stride(0) if paged else 0,
         num_q_heads, num_kv_heads, scale, num_tiles,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, PAGED=paged,
-        PAGE=k.shape[1] if paged else 1, PADDED_KEYS=not paged and kv_lens is not None,
+        PAGE=k.shape[1] if paged else 1, PADDED_KEYS=not paged and kv_lens is not None, TMA=tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
 
 

@@ -70,16 +70,20 @@ def cases(gpu: str) -> list[Case]:
     a = p["attention"]
     for dt in ("bf16", "fp16", "fp32"):
         tile = "prefill_fp32_" if dt == "fp32" else "prefill_"
-        for paged, causal, padded, dim in ((True, True, False, 128), (False, False, True, 64), (False, True, False, 128)):
+        shapes = [(True, True, False, 128, False), (False, False, True, 64, False), (False, True, False, 128, False)]
+        if dt != "fp32":  # the op reads float32 K/V with pointers
+            shapes += [(False, True, False, 128, True), (False, False, True, 64, True)]
+        for paged, causal, padded, dim, tma in shapes:
+            kv = f"tensordesc<{dt}[{a[tile + 'block_n']}, {dim}]>" if tma else f"*{dt}"
             out.append(Case(
-                f"varlen_attention {dt} d{dim} {'paged' if paged else 'packed'} causal={causal}",
+                f"varlen_attention {dt} d{dim} {'paged' if paged else 'packed'} causal={causal}{' tma' if tma else ''}",
                 attention._varlen_attention_kernel,
-                dict(out_ptr=f"*{dt}", q_ptr=f"*{dt}", k_ptr=f"*{dt}", v_ptr=f"*{dt}", cu_q_ptr="*i64",
+                dict(out_ptr=f"*{dt}", q_ptr=f"*{dt}", k_ptr=kv, v_ptr=kv, cu_q_ptr="*i64",
                      kv_len_ptr="*i64", cu_k_ptr="*i64", block_tables_ptr="*i64", q_stride="i32", out_stride="i32",
                      kv_token_stride="i32", bt_stride="i32", num_q_heads="i32", num_kv_heads="i32", scale="fp32",
                      num_tiles="i32"),
                 dict(HEAD_DIM=dim, BLOCK_M=a[tile + "block_m"], BLOCK_N=a[tile + "block_n"], CAUSAL=causal,
-                     PAGED=paged, PAGE=16 if paged else 1, PADDED_KEYS=padded,
+                     PAGED=paged, PAGE=16 if paged else 1, PADDED_KEYS=padded, TMA=tma,
                      DOT_PRECISION="ieee" if dt == "fp32" else "tf32"),
                 a[tile + "warps"], a[tile + "stages"], ("q_stride", "out_stride", "kv_token_stride"),
                 dots=dt != "fp32"))

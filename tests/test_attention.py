@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from anygpt_engine import tuning
 from anygpt_engine.ops import attention as A
 from conftest import HAS_GPU, poison
 
@@ -107,58 +108,66 @@ def test_varlen_paged_prefill(dtype, heads, block_size, lens):
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_varlen_bidirectional_with_key_padding(dtype, head_dim):
-    """SoundStorm's case: packed contiguous K/V, no causal mask, each run sees only its own keys."""
+@pytest.mark.parametrize("tma", [False, True])
+def test_varlen_bidirectional_with_key_padding(dtype, head_dim, tma):
+    """SoundStorm's case: packed contiguous K/V, no causal mask, each run sees only its own keys.
+    K and V are views into one qkv tensor (strided tokens), read by TMA or by pointers."""
     g = torch.Generator().manual_seed(head_dim)
     lens = [1, 7, 129, 30]
     q = _rand((sum(lens), 4, head_dim), dtype, g)
-    k = _rand((sum(lens), 4, head_dim), dtype, g)
-    v = _rand((sum(lens), 4, head_dim), dtype, g)
+    qkv = _rand((sum(lens), 3, 4, head_dim), dtype, g)
+    k, v = qkv[:, 1], qkv[:, 2]
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), device=DEV)
     out = poison(torch.empty_like(q))
-    A.varlen_attention(q, k, v, cu, max(lens), causal=False, cu_seqlens_k=cu, out=out, backend="triton")
+    with tuning.override("attention", prefill_tma=tma):
+        A.varlen_attention(q, k, v, cu, max(lens), causal=False, cu_seqlens_k=cu, out=out, backend="triton")
     for i in range(len(lens)):
         rows = slice(int(cu[i]), int(cu[i + 1]))
         _check_rule(out[rows], _attend64(q[rows], k[rows], v[rows], False),
                     _same_precision(q[rows], k[rows], v[rows], False), dtype)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_varlen_causal_packed_runs_longer_or_shorter_than_their_keys(backend):
+# TMA reads only 16-bit K/V (float32 takes pointers), hence float16 for the TMA cases.
+PACKED_FACES = [("torch", False, torch.float32), ("triton", False, torch.float32), ("triton", True, torch.float16)]
+
+
+@pytest.mark.parametrize("backend,tma,dtype", PACKED_FACES)
+def test_varlen_causal_packed_runs_longer_or_shorter_than_their_keys(backend, tma, dtype):
     """Causal masking is bottom-right aligned for any pair of lengths: a run of 70 queries over
     200 keys sees a prefix plus its band (unmasked blocks first); 70 queries over 20 keys leave
     the first 50 with no key at all (zeros), and the rest see their band."""
     g = torch.Generator().manual_seed(9)
     q_lens, k_lens = [70, 70, 1], [200, 20, 1]
-    q = _rand((sum(q_lens), 4, 64), torch.float32, g)
-    k = _rand((sum(k_lens), 2, 64), torch.float32, g)
-    v = _rand((sum(k_lens), 2, 64), torch.float32, g)
+    q = _rand((sum(q_lens), 4, 64), dtype, g)
+    k = _rand((sum(k_lens), 2, 64), dtype, g)
+    v = _rand((sum(k_lens), 2, 64), dtype, g)
     cu_q = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), device=DEV)
     cu_k = torch.tensor([0] + torch.tensor(k_lens).cumsum(0).tolist(), device=DEV)
     out = poison(torch.empty_like(q))
-    A.varlen_attention(q, k, v, cu_q, max(q_lens), causal=True, cu_seqlens_k=cu_k, out=out, backend=backend)
+    with tuning.override("attention", prefill_tma=tma):
+        A.varlen_attention(q, k, v, cu_q, max(q_lens), causal=True, cu_seqlens_k=cu_k, out=out, backend=backend)
     for i in range(len(q_lens)):
         rows, keys = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
         expected = _attend64(q[rows], k[keys], v[keys], True).nan_to_num(0.0)  # rows with no key: 0
-        _check_rule(out[rows], expected, _same_precision(q[rows], k[keys], v[keys], True).nan_to_num(0.0),
-                    torch.float32)
+        _check_rule(out[rows], expected, _same_precision(q[rows], k[keys], v[keys], True).nan_to_num(0.0), dtype)
     assert bool((out[70:120] == 0).all()) and bool((out[:70] != 0).all())
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_varlen_padded_batch_key_padding(backend):
+@pytest.mark.parametrize("backend,tma,dtype", PACKED_FACES)
+def test_varlen_padded_batch_key_padding(backend, tma, dtype):
     """A padded batch [B, N]: every frame attends to its own item's first lengths[b] frames."""
     g = torch.Generator().manual_seed(5)
     b, n, lengths = 3, 40, [40, 17, 1]
-    q, k, v = (_rand((b * n, 2, 64), torch.float32, g) for _ in range(3))
+    q, k, v = (_rand((b * n, 2, 64), dtype, g) for _ in range(3))
     cu = torch.arange(0, (b + 1) * n, n, device=DEV)
-    out = A.varlen_attention(q, k, v, cu, n, causal=False, cu_seqlens_k=cu,
-                             kv_lens=torch.tensor(lengths, device=DEV), backend=backend)
+    with tuning.override("attention", prefill_tma=tma):
+        out = A.varlen_attention(q, k, v, cu, n, causal=False, cu_seqlens_k=cu,
+                                 kv_lens=torch.tensor(lengths, device=DEV), backend=backend)
     for i, length in enumerate(lengths):
         rows = slice(i * n, (i + 1) * n)
         keys = slice(i * n, i * n + length)
         _check_rule(out[rows], _attend64(q[rows], k[keys], v[keys], False),
-                    _same_precision(q[rows], k[keys], v[keys], False), torch.float32)
+                    _same_precision(q[rows], k[keys], v[keys], False), dtype)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)

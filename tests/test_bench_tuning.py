@@ -47,10 +47,16 @@ def test_rvq_sweep_checks_codes_and_orders_faces(scratch_tables, monkeypatch):
 
 def test_attention_tuning_takes_fastest_correct_tile_and_decode_faces(scratch_tables):
     bench = _load("bench_attention")
+    def tile(ms, shape, err, path="paged", tma=False):
+        return dict(kind="prefill_tile", median_ms=ms, tile=shape, max_diff_vs_default=err, path=path, tma=tma)
+
     rows = [
-        dict(kind="prefill_tile", median_ms=1.0, tile=[128, 64, 8, 3], max_diff_vs_default=0.0),
-        dict(kind="prefill_tile", median_ms=0.5, tile=[64, 64, 4, 3], max_diff_vs_default=math.inf),  # wrong
-        dict(kind="prefill_tile", median_ms=0.8, tile=[128, 128, 8, 2], max_diff_vs_default=1e-3),
+        tile(1.0, [128, 64, 8, 3], 0.0),
+        tile(0.5, [64, 64, 4, 3], math.inf),  # wrong, however fast
+        tile(0.8, [128, 128, 8, 2], 1e-3),
+        tile(0.7, [128, 128, 8, 2], 1e-3, "packed"),
+        tile(0.6, [128, 128, 8, 2], 1e-3, "packed", tma=True),
+        tile(0.1, [128, 64, 8, 3], 1e-3, "packed", tma=False),  # another tile's packed time: not compared
         dict(kind="decode", impl="engine_cuda", batch=1, context=512, median_ms=0.02),
         dict(kind="decode", impl="engine_triton", batch=1, context=512, median_ms=0.03),
         dict(kind="decode", impl="sdpa_contiguous", batch=1, context=512, median_ms=0.01),
@@ -59,5 +65,5 @@ def test_attention_tuning_takes_fastest_correct_tile_and_decode_faces(scratch_ta
     ]
     bench.write_tuning(rows, "Test GPU")
     entry = json.loads((scratch_tables / "attention.json").read_text())["gpus"]["Test GPU"]
-    assert entry == dict(prefill_block_m=128, prefill_block_n=128, prefill_warps=8, prefill_stages=2,
+    assert entry == dict(prefill_block_m=128, prefill_block_n=128, prefill_warps=8, prefill_stages=2, prefill_tma=True,
                          decode_rules=[[1, 512, "cuda"], [32, 4096, "triton"]])

@@ -246,10 +246,14 @@ def _varlen_attention_kernel(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     params = tuning.params("attention", q.device)
     # float32 tiles (no tensor-core path) need smaller blocks to stay in registers.
     tile = "prefill_fp32_" if q.dtype == torch.float32 else "prefill_"
+    # TMA tiles for 16-bit packed K/V (paged blocks are not one box; float32 tiles from TMA's
+    # shared-memory layout spill) whose rows TMA can address.
+    tma = (params["prefill_tma"] and block_tables is None and q.dtype != torch.float32 and kernels.tma_rows_ok(k)
+           and kernels.tma_rows_ok(v))
     kernels.varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, kv_lens=kv_lens,
                              block_tables=block_tables, cu_seqlens_k=cu_seqlens_k, block_m=params[tile + "block_m"],
                              block_n=params[tile + "block_n"], num_warps=params[tile + "warps"],
-                             num_stages=params[tile + "stages"])
+                             num_stages=params[tile + "stages"], tma=tma)
 
 
 @_varlen_attention_kernel.register_fake

@@ -349,6 +349,7 @@ class Engine:
             kv_lens=torch.tensor([chunk.end for chunk in chunks], device=device),
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device),
             max_q_len=max(chunk.end - chunk.start for chunk in chunks),
+            fresh=all(chunk.start == 0 for chunk in chunks),
         )
         with nvtx_range("anygpt/prefill"):
             h = self.model(torch.tensor([tokens], device=device), torch.tensor([positions], device=device),

@@ -90,7 +90,7 @@ anygpt_status launch_dtype(const rope::Params& p, int64_t num_tokens, cudaStream
 }  // namespace
 }  // namespace anygpt
 
-extern "C" anygpt_status anygpt_rope_kv_append_cuda(void* q, const void* k, const void* v, const int64_t* positions,
+extern "C" anygpt_status anygpt_rope_kv_append_cuda(void* q, void* k, const void* v, const int64_t* positions,
                                                     const int64_t* slot_mapping, void* k_cache, void* v_cache,
                                                     const float* inv_freq, int64_t num_tokens, int64_t num_q_heads,
                                                     int64_t num_kv_heads, int64_t head_dim, int64_t q_token_stride,

@@ -81,7 +81,7 @@ extern "C" anygpt_status anygpt_paged_decode_attention_cuda(void*, const void*, 
                       "paged_decode_attention: anygpt_engine was built without CUDA kernels (no nvcc at build time)");
 }
 
-extern "C" anygpt_status anygpt_rope_kv_append_cuda(void*, const void*, const void*, const int64_t*, const int64_t*,
+extern "C" anygpt_status anygpt_rope_kv_append_cuda(void*, void*, const void*, const int64_t*, const int64_t*,
                                                     void*, void*, const float*, int64_t, int64_t, int64_t, int64_t,
                                                     int64_t, int64_t, int64_t, int64_t, anygpt_dtype, void*) {
   return anygpt::fail(ANYGPT_ERROR_NO_CUDA,

@@ -1,6 +1,6 @@
 """Attention kernels over the paged KV cache (layout in anygpt_engine/runtime/kv_cache.py):
 
-  rope_kv_append   RoPE on q (in place) and k, then k and v written to their cache slots
+  rope_kv_append   RoPE on q and k (in place), then k and v written to their cache slots
   varlen_attention flash attention for a packed batch of variable-length query runs (prefill,
                    prompts extending cached prefixes, SoundStorm's bidirectional blocks);
                    K/V either paged (block tables) or packed contiguous (cu_seqlens_k)
@@ -58,22 +58,29 @@ def _rope_kv_append_kernel(q_ptr, k_ptr, v_ptr, positions_ptr, slot_ptr, k_cache
 
     slot = tl.load(slot_ptr + token)
     kh = tl.arange(0, KV_HEADS)[:, None]
-    # A slot outside the cache (slot < 0 marks padding) stores nothing.
+    head_mask = (kh < num_kv_heads) & (j[None, :] < HALF)
+    # k is rotated in place whatever its slot; a slot outside the cache (slot < 0 marks padding)
+    # stores nothing there.
     slots = kh * 0 + slot
-    kv_mask = (kh < num_kv_heads) & (j[None, :] < HALF) & (slots >= 0) & (slots < num_slots)
+    kv_mask = head_mask & (slots >= 0) & (slots < num_slots)
     k_row = k_ptr + token * k_stride + kh * HEAD_DIM + j[None, :]
-    k1 = tl.load(k_row, mask=kv_mask).to(tl.float32)
-    k2 = tl.load(k_row + HALF, mask=kv_mask).to(tl.float32)
+    k1 = tl.load(k_row, mask=head_mask).to(tl.float32)
+    k2 = tl.load(k_row + HALF, mask=head_mask).to(tl.float32)
+    k_rot1 = round_to(k1 * cos - k2 * sin, dtype)
+    k_rot2 = round_to(k2 * cos + k1 * sin, dtype)
+    tl.store(k_row, k_rot1, mask=head_mask)
+    tl.store(k_row + HALF, k_rot2, mask=head_mask)
     cache_row = slot * num_kv_heads * HEAD_DIM + kh * HEAD_DIM + j[None, :]
-    tl.store(k_cache_ptr + cache_row, round_to(k1 * cos - k2 * sin, dtype), mask=kv_mask)
-    tl.store(k_cache_ptr + cache_row + HALF, round_to(k2 * cos + k1 * sin, dtype), mask=kv_mask)
+    tl.store(k_cache_ptr + cache_row, k_rot1, mask=kv_mask)
+    tl.store(k_cache_ptr + cache_row + HALF, k_rot2, mask=kv_mask)
     v_row = v_ptr + token * v_stride + kh * HEAD_DIM + j[None, :]
     tl.store(v_cache_ptr + cache_row, tl.load(v_row, mask=kv_mask), mask=kv_mask)
     tl.store(v_cache_ptr + cache_row + HALF, tl.load(v_row + HALF, mask=kv_mask), mask=kv_mask)
 
 
 def rope_kv_append(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq, num_warps=4):
-    """q [T, Hq, D] (rotated in place), k, v [T, Hkv, D]: token-strided, head-contiguous views."""
+    """q [T, Hq, D] and k [T, Hkv, D] (both rotated in place), v [T, Hkv, D]: token-strided,
+    head-contiguous views."""
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     if tokens == 0:

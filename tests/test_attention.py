@@ -242,9 +242,10 @@ def test_rope_kv_append(backend, dtype, heads, head_dim, tokens):
     tol = dict(rtol=torch.finfo(dtype).eps, atol=4e-6 if dtype == torch.float32 else torch.finfo(dtype).eps)
     torch.testing.assert_close(q.double(), rotate64(q_in), **tol)
     flat_k, flat_v = k_cache.view(-1, hkv, head_dim), v_cache.view(-1, hkv, head_dim)
-    torch.testing.assert_close(flat_k[slots].double(), rotate64(k_in), **tol)
+    torch.testing.assert_close(k.double(), rotate64(k_in), **tol)
+    assert torch.equal(flat_k[slots], k), "the cache holds the in-place rotated k, bit for bit"
     assert torch.equal(flat_v[slots], v_in)
-    assert torch.equal(k, k_in) and torch.equal(v, v_in), "k and v inputs must stay untouched"
+    assert torch.equal(v, v_in), "v must stay untouched"
     untouched = torch.ones(flat_k.shape[0], dtype=torch.bool, device=DEV)
     untouched[slots] = False
     assert flat_k[untouched].isnan().all() and flat_v[untouched].isnan().all(), "wrote outside its slots"
@@ -261,11 +262,14 @@ def test_rope_faces_agree_and_skip_slots_outside_the_cache():
     for backend in ("torch", "triton"):
         kc = poison(torch.empty(2, 16, 2, 64, device=DEV))
         vc = poison(torch.empty_like(kc))
-        qq = q.clone()
-        A.rope_kv_append(qq, k, v, positions, slots, kc, vc, inv_freq, backend=backend)
-        results.append((qq, kc, vc))
+        qq, kk = q.clone(), k.clone()
+        A.rope_kv_append(qq, kk, v, positions, slots, kc, vc, inv_freq, backend=backend)
+        results.append((qq, kc, vc, kk))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
-    for (_, kc, vc) in results:
+    # every token's k is rotated in place, padding and out-of-cache slots included
+    torch.testing.assert_close(results[0][3], results[1][3], rtol=1e-6, atol=1e-6)
+    assert not torch.equal(results[1][3][[1, 4]], k[[1, 4]])
+    for (_, kc, vc, _) in results:
         assert kc.view(-1, 2, 64).isnan().all(-1).all(-1).sum() == 32 - 3  # only slots 0, 3, 17 written
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=1e-6, equal_nan=True)
 
@@ -347,11 +351,13 @@ def test_prefill_and_rope_on_gpu(dtype, head_dim):
     inv_freq = (1.0 / 10000 ** (torch.arange(head_dim // 2, dtype=torch.float32) / (head_dim // 2))).to(DEV)
     results = []
     for backend in ("torch", "triton", "cuda"):
-        qq, kc, vc = q.clone(), torch.zeros(256, 16, 8, head_dim, dtype=dtype, device=DEV), None
+        qq, kk, kc = q.clone(), k.clone(), torch.zeros(256, 16, 8, head_dim, dtype=dtype, device=DEV)
         vc = torch.zeros_like(kc)
-        A.rope_kv_append(qq, k, v, positions, slots, kc, vc, inv_freq, backend=backend)
-        results.append((qq, kc, vc))
-    for qq, kc, vc in results[1:]:
+        A.rope_kv_append(qq, kk, v, positions, slots, kc, vc, inv_freq, backend=backend)
+        results.append((qq, kc, vc, kk))
+    for qq, kc, vc, kk in results[1:]:
         torch.testing.assert_close(qq, results[0][0], rtol=torch.finfo(dtype).eps * 2, atol=1e-3)
         torch.testing.assert_close(kc, results[0][1], rtol=torch.finfo(dtype).eps * 2, atol=1e-3)
+        torch.testing.assert_close(kk, results[0][3], rtol=torch.finfo(dtype).eps * 2, atol=1e-3)
+        assert torch.equal(kc.view(-1, 8, head_dim)[slots], kk)
         assert torch.equal(vc, results[0][2])

@@ -57,22 +57,24 @@ def test_greedy_is_identical_alone_or_in_a_changing_batch(reference):
 def test_one_steps_prefill_chunks_run_as_one_packed_forward(reference, monkeypatch):
     """Prompts admitted together prefill in one forward of all their tokens, each a run of the
     varlen attention; a prompt cut by the token budget continues next step as a run over its
-    cached prefix, beside new prompts. Every request generates what it generates alone."""
+    cached prefix, beside new prompts. Every request generates what it generates alone (alone,
+    each prompt is one fresh run read packed; here runs also go through the paged cache)."""
     engine = Engine("tiny", device="cpu", max_batch_size=5, max_num_batched_tokens=40)
     prefills = []
     forward = engine.model.forward
 
     def spy(tokens, *args, runs=None, **kwargs):
         if runs is not None:
-            prefills.append((tokens.shape[1], runs.cu_seqlens_q.tolist(), runs.kv_lens.tolist()))
+            prefills.append((tokens.shape[1], runs.cu_seqlens_q.tolist(), runs.kv_lens.tolist(), runs.fresh))
         return forward(tokens, *args, runs=runs, **kwargs)
 
     monkeypatch.setattr(engine.model, "forward", spy)
     ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
     outputs = _drain(engine)
     assert [outputs[rid] for rid in ids] == reference
-    # Prompt lengths 5, 2, 41, 3, 10 under a budget of 40 tokens a step.
-    assert prefills == [(40, [0, 5, 7, 40], [5, 2, 33]), (21, [0, 8, 11, 21], [41, 3, 10])]
+    # Prompt lengths 5, 2, 41, 3, 10 under a budget of 40 tokens a step. The first step's runs all
+    # start at position 0 (attention reads them packed); the second continues a cached prefix.
+    assert prefills == [(40, [0, 5, 7, 40], [5, 2, 33], True), (21, [0, 8, 11, 21], [41, 3, 10], False)]
 
 
 def test_preemption_recomputes_without_changing_outputs(reference):

@@ -40,11 +40,13 @@ class PrefillRuns:
     """A packed prefill: tokens [1, T] hold runs of consecutive positions, one per sequence.
     cu_seqlens_q [R + 1] (int64) delimits the runs; kv_lens [R] is each sequence's context
     after its run (cached prefix + run); block_tables [R, nb] their blocks (padding entries are
-    never read); max_q_len the longest run."""
+    never read); max_q_len the longest run. fresh: every run starts at position 0, so its keys
+    are exactly its own k/v, which attention reads packed rather than through the cache."""
     cu_seqlens_q: torch.Tensor
     kv_lens: torch.Tensor
     block_tables: torch.Tensor
     max_q_len: int
+    fresh: bool = False
 
 
 class Block(nn.Module):
@@ -109,6 +111,9 @@ class Llama(nn.Module):
                                  self.inv_freq)
         if runs is None:
             out = attention.paged_decode_attention(q, kv[0], kv[1], block_tables, kv_lens)
+        elif runs.fresh:  # k was rotated in place: the same values the cache now holds
+            out = attention.varlen_attention(q, k, v, runs.cu_seqlens_q, runs.max_q_len, causal=True,
+                                             cu_seqlens_k=runs.cu_seqlens_q)
         else:
             out = attention.varlen_attention(q, kv[0], kv[1], runs.cu_seqlens_q, runs.max_q_len, causal=True,
                                              kv_lens=runs.kv_lens, block_tables=runs.block_tables)

@@ -296,13 +296,12 @@ class SoundStorm(nn.Module):
             h = soundstorm_ops.add_layer_norm(x, self._ff_fast(h, blk.ff1), alpha=0.5, norm=blk.attn_norm, eps=LN_EPS,
                                               backend=backend)
             qkv = F.linear(h, blk.wqkv).view(t, 3, heads, dh)
-            k_rot = torch.empty((t, 1, heads, dh), dtype=qkv.dtype, device=qkv.device)
-            v_copy = torch.empty_like(k_rot)
-            ops.rope_kv_append(qkv[:, 0], qkv[:, 1], qkv[:, 2], aux.positions, aux.slots, k_rot, v_copy, w.inv_freq,
-                               backend=backend)
-            att = ops.varlen_attention(qkv[:, 0], k_rot.view(t, heads, dh), v_copy.view(t, heads, dh), aux.starts, n,
-                                       causal=False, cu_seqlens_k=aux.starts, kv_lens=lengths, scale=dh ** -0.5,
-                                       backend=backend)
+            # q and k rotate in place; every slot is -1, so nothing goes to the (one-row) cache and
+            # attention reads k and v where the projection wrote them.
+            ops.rope_kv_append(qkv[:, 0], qkv[:, 1], qkv[:, 2], aux.positions, aux.no_slots, w.no_cache, w.no_cache,
+                               w.inv_freq, backend=backend)
+            att = ops.varlen_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], aux.starts, n, causal=False,
+                                       cu_seqlens_k=aux.starts, kv_lens=lengths, scale=dh ** -0.5, backend=backend)
             y = F.linear(att.view(t, heads * dh), *blk.attn_out)
             h = soundstorm_ops.add_layer_norm(x, y, norm=blk.conv_norm, eps=LN_EPS, backend=backend)
             u = F.linear(h, *blk.conv_in).view(b, n, 2 * c.conv_dim)
@@ -575,15 +574,18 @@ class _FastWeights:
         self.out_bias = f32(model.out_bias)
         d = model.config.dim_head
         self.inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2, device=self.device).float() / d))
+        # rope_kv_append's cache operand: never written (every slot is -1), one row to be well formed.
+        self.no_cache = torch.zeros((1, 1, model.config.heads, d), dtype=dtype, device=self.device)
         self._aux: dict[tuple[int, int], _Namespace] = {}
 
     def aux(self, batch: int, frames: int) -> "_Namespace":
-        """Frame positions and cache slots of every token, and the items' token offsets."""
+        """Frame positions of every token, cache slots that skip the cache (-1), and the items'
+        token offsets."""
         key = (batch, frames)
         if key not in self._aux:
             dev = self.device
             self._aux[key] = _Namespace(positions=torch.arange(frames, device=dev).repeat(batch),
-                                        slots=torch.arange(batch * frames, device=dev),
+                                        no_slots=torch.full((batch * frames,), -1, device=dev),
                                         starts=torch.arange(0, (batch + 1) * frames, frames, device=dev))
         return self._aux[key]
 

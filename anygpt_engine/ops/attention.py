@@ -1,8 +1,9 @@
 """Attention over the paged KV cache (layout: anygpt_engine/runtime/kv_cache.py).
 
   rope_kv_append(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq)
-      rotate-half RoPE on q (in place) and k, computed in float32 and rounded once; rotated k
-      and v written to their cache slots (kernels skip slots < 0: padding tokens).
+      rotate-half RoPE on q and k (both in place: packed prefill attends to them directly),
+      computed in float32 and rounded once; rotated k and v written to their cache slots
+      (kernels skip slots < 0: padding tokens).
   varlen_attention(q, k, v, cu_seqlens_q, max_q_len, causal=..., kv_lens/block_tables | cu_seqlens_k)
       packed variable-length queries over paged or packed-contiguous K/V; causal masking is
       bottom-right aligned (a run of q_len queries over kv_len keys ends at key kv_len - 1),
@@ -80,12 +81,13 @@ def rope_kv_append_reference(q, k, v, positions, slot_mapping, k_cache, v_cache,
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
     q.copy_(rotate(q))
+    k.copy_(rotate(k))
     # Graph-safe skipping of slots outside the cache: they write to slot 0, whose value is then
     # restored (or set by the first valid token that really targets it).
     valid = (slot_mapping >= 0) & (slot_mapping < k_cache.shape[0] * k_cache.shape[1])
     slots = torch.where(valid, slot_mapping, 0)
     hits_zero = valid & (slots == 0)
-    for cache, new in ((k_cache, rotate(k)), (v_cache, v)):
+    for cache, new in ((k_cache, k), (v_cache, v)):
         rows = cache.view(-1, *cache.shape[2:])
         slot_zero = torch.where(hits_zero.any(), new[hits_zero.int().argmax()], rows[0])
         rows.index_copy_(0, slots, new.contiguous())
@@ -93,7 +95,7 @@ def rope_kv_append_reference(q, k, v, positions, slot_mapping, k_cache, v_cache,
 
 
 def rope_kv_append(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq, *, backend=None) -> None:
-    """q [T, Hq, D] is rotated in place; k [T, Hkv, D] rotated and v copied into the caches
+    """q [T, Hq, D] and k [T, Hkv, D] are rotated in place; k and v then written into the caches
     [blocks, block_size, Hkv, D] at flat slots slot_mapping [T]. inv_freq: float32 [D / 2]."""
     check_tensor("q", q, 3, FLOAT_TYPES)
     tokens, num_q_heads, head_dim = q.shape
@@ -123,7 +125,7 @@ def rope_kv_append(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq,
 
 
 # Kernel launches on checked arguments, registered so torch.compile and graphs see them.
-@torch.library.custom_op("anygpt_engine::rope_kv_append_kernel", mutates_args=("q", "k_cache", "v_cache"))
+@torch.library.custom_op("anygpt_engine::rope_kv_append_kernel", mutates_args=("q", "k", "k_cache", "v_cache"))
 def _rope_kv_append_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                            slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            inv_freq: torch.Tensor, face: str) -> None:

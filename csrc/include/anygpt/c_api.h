@@ -110,14 +110,14 @@ anygpt_status anygpt_paged_decode_attention_cuda(void* out, const void* q, const
                                                  int64_t num_splits, float scale, anygpt_dtype dtype, int threads,
                                                  void* stream);
 
-// For each token i < num_tokens at position positions[i] (int64): rotate q[i] (all q heads, in place) and k[i]
-// (all kv heads) with rotate-half RoPE, f = (float)positions[i] * inv_freq[j], c = cosf(f), s = sinf(f),
+// For each token i < num_tokens at position positions[i] (int64): rotate q[i] (all q heads) and k[i] (all kv
+// heads), both in place, with rotate-half RoPE, f = (float)positions[i] * inv_freq[j], c = cosf(f), s = sinf(f),
 // y[j] = x1*c - x2*s, y[j+half] = x2*c + x1*s in float32 rounded once to dtype; then write the rotated k[i] and
 // the unrotated v[i] to slot slot_mapping[i] (int64; < 0 skips the writes) of k_cache / v_cache
 // ([slots, num_kv_heads, head_dim]). Element (i, h, d) of q is at q + i*q_token_stride + h*head_dim + d; same
 // for k and v with their strides (column slices of a fused qkv projection work). inv_freq float32
 // [head_dim / 2]; head_dim even, <= 256.
-anygpt_status anygpt_rope_kv_append_cuda(void* q, const void* k, const void* v, const int64_t* positions,
+anygpt_status anygpt_rope_kv_append_cuda(void* q, void* k, const void* v, const int64_t* positions,
                                          const int64_t* slot_mapping, void* k_cache, void* v_cache,
                                          const float* inv_freq, int64_t num_tokens, int64_t num_q_heads,
                                          int64_t num_kv_heads, int64_t head_dim, int64_t q_token_stride,

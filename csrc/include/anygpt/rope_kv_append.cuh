@@ -2,11 +2,11 @@
 // template. Contract: anygpt_rope_kv_append_cuda in c_api.h.
 //
 // Work decomposition, and why:
-//  - One token's work is Hq + 2 * Hkv "head rows": Hq q rows rotated in place, Hkv k rows rotated and
-//    written to k_cache, Hkv v rows copied to v_cache. Every head row splits into half / VEC items of
+//  - One token's work is Hq + 2 * Hkv "head rows": Hq q rows rotated in place, Hkv k rows rotated in
+//    place and written to k_cache, Hkv v rows copied to v_cache. Every head row splits into half / VEC items of
 //    the same shape: an item owns elements [j, j + VEC) and [j + half, j + half + VEC) of the row,
-//    exactly the pairs that rotate-half mixes, so one thread reads and writes both halves and an
-//    in-place q update has no cross-thread hazard. VEC = 16 bytes / sizeof(T) when every pointer is
+//    exactly the pairs that rotate-half mixes, so one thread reads and writes both halves and the
+//    in-place q and k updates have no cross-thread hazard. VEC = 16 bytes / sizeof(T) when every pointer is
 //    16-byte aligned and every stride and half are multiples of VEC (the fused-qkv views of a LLaMA
 //    projection are), else 1 (same kernel, scalar accesses).
 //  - Grid (token, row group): a CTA owns one token and a group of head rows. It first builds the
@@ -18,7 +18,7 @@
 //    contraction), so the result equals a float32 reference that computes x1*c - x2*s and
 //    x2*c + x1*s, then rounds once to the dtype. V is copied bit for bit.
 //  - a slot outside [0, num_slots) (slot < 0 marks padding) skips both cache writes of token i;
-//    q is still rotated.
+//    q and k are still rotated.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -34,7 +34,7 @@ constexpr int kThreads = 128;  // CTA size target; a CTA holds whole head rows
 
 struct Params {
   void* q;                      // (i, h, d) at q + i * q_token_stride + h * head_dim + d
-  const void* k;
+  void* k;
   const void* v;
   const int64_t* positions;     // [num_tokens]
   const int64_t* slot_mapping;  // [num_tokens]; outside [0, num_slots): no cache write
@@ -128,17 +128,14 @@ __global__ void __launch_bounds__(kThreads) rope_kv_append_kernel(const Params p
     return;
   }
 
-  const T* src;
-  T* dst;
-  if (row < p.num_q_heads) {  // q row: in place
-    T* q_row = static_cast<T*>(p.q) + token * p.q_token_stride + row * p.head_dim;
-    src = q_row;
-    dst = q_row;
-  } else {  // k row: rotated into the cache
-    if (!store) return;
+  T* src;         // rotated in place
+  T* dst = nullptr;  // and, for a k row with a slot, into the cache
+  if (row < p.num_q_heads) {  // q row
+    src = static_cast<T*>(p.q) + token * p.q_token_stride + row * p.head_dim;
+  } else {  // k row
     const int h = row - p.num_q_heads;
-    src = static_cast<const T*>(p.k) + token * p.k_token_stride + h * p.head_dim;
-    dst = static_cast<T*>(p.k_cache) + (slot * p.num_kv_heads + h) * p.head_dim;
+    src = static_cast<T*>(p.k) + token * p.k_token_stride + h * p.head_dim;
+    if (store) dst = static_cast<T*>(p.k_cache) + (slot * p.num_kv_heads + h) * p.head_dim;
   }
   float x1[kVec];
   float x2[kVec];
@@ -153,8 +150,12 @@ __global__ void __launch_bounds__(kThreads) rope_kv_append_kernel(const Params p
     y1[i] = __fsub_rn(__fmul_rn(x1[i], c), __fmul_rn(x2[i], s));
     y2[i] = __fadd_rn(__fmul_rn(x2[i], c), __fmul_rn(x1[i], s));
   }
-  store_floats<T, kVec>(dst + j, y1);
-  store_floats<T, kVec>(dst + j + half, y2);
+  store_floats<T, kVec>(src + j, y1);
+  store_floats<T, kVec>(src + j + half, y2);
+  if (dst != nullptr) {
+    store_floats<T, kVec>(dst + j, y1);
+    store_floats<T, kVec>(dst + j + half, y2);
+  }
 }
 
 }  // namespace rope

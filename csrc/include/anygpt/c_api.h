@@ -115,7 +115,8 @@ anygpt_status anygpt_paged_decode_attention_cuda(void* out, const void* q, const
 // y[j] = x1*c - x2*s, y[j+half] = x2*c + x1*s in float32 rounded once to dtype; then write the rotated k[i] and
 // the unrotated v[i] to slot slot_mapping[i] (int64; < 0 skips the writes) of k_cache / v_cache
 // ([slots, num_kv_heads, head_dim]). Element (i, h, d) of q is at q + i*q_token_stride + h*head_dim + d; same
-// for k and v with their strides (column slices of a fused qkv projection work). inv_freq float32
+// for k and v with their strides (column slices of a fused qkv projection work; q, k and v must not overlap,
+// as q and k are written). inv_freq float32
 // [head_dim / 2]; head_dim even, <= 256.
 anygpt_status anygpt_rope_kv_append_cuda(void* q, void* k, const void* v, const int64_t* positions,
                                          const int64_t* slot_mapping, void* k_cache, void* v_cache,

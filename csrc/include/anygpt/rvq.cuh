@@ -434,7 +434,10 @@ __global__ void __launch_bounds__(kThreads)
   }
   const float* level0 = codebooks + static_cast<int64_t>(first_level) * size * dim;
   constexpr int kWidth = kVec4 ? 4 : 1;
-  for (int i = lane * kWidth; i < dim; i += 32 * kWidth) {
+  // Every lane runs every pass (the shuffles need the whole warp); lanes past dim load nothing.
+  for (int i0 = 0; i0 < dim; i0 += 32 * kWidth) {
+    const int i = i0 + lane * kWidth;
+    const bool active = i < dim;
     float acc[kWidth];
 #pragma unroll
     for (int c = 0; c < kWidth; ++c) acc[c] = 0.0f;
@@ -444,7 +447,10 @@ __global__ void __launch_bounds__(kThreads)
       for (int u = 0; u < kDecodeUnroll; ++u) {
         if (l0 + u < levels) {
           const float* src = level0 + decode_word(codes, rows, n, size, lane_word, l0 + u) * dim + i;
-          if constexpr (kVec4) {
+          if (!active) {
+#pragma unroll
+            for (int c = 0; c < kWidth; ++c) e[u][c] = 0.0f;
+          } else if constexpr (kVec4) {
             const float4 v = __ldg(reinterpret_cast<const float4*>(src));
             e[u][0] = v.x, e[u][1] = v.y, e[u][2] = v.z, e[u][3] = v.w;
           } else {
@@ -460,6 +466,7 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
+    if (!active) continue;
     if constexpr (kVec4) {
       __stcs(reinterpret_cast<float4*>(dst + i), make_float4(acc[0], acc[1], acc[2], acc[3]));
     } else {

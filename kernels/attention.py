@@ -149,6 +149,8 @@ def _attend_keys(acc, m, l, q, q_pos, row_mask, k_ptr, v_ptr, first, last, kv_le
         l = l * alpha + tl.sum(p, axis=1)
         if TMA:
             v = v_ptr.load(box)
+            if MASKED:  # rows past the run (padding, the next run) may hold inf/NaN: 0 * inf is NaN
+                v = tl.where(key_mask[:, None], v, 0.0)
         elif MASKED:
             v = tl.load(v_ptr + offs[:, None] + d[None, :], mask=key_mask[:, None], other=0.0)
         else:
@@ -214,8 +216,8 @@ def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr,
 
 def tma_rows_ok(t) -> bool:
     """Packed K/V [T, H, D] (heads and elements contiguous) that TMA can read as [T, H * D] rows:
-    16-byte aligned base and token pitch."""
-    return t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
+    at least one token, 16-byte aligned base and token pitch."""
+    return t.shape[0] > 0 and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0
 
 
 def varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, *, kv_lens=None, block_tables=None,

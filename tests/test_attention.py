@@ -154,11 +154,26 @@ def test_varlen_causal_packed_runs_longer_or_shorter_than_their_keys(backend, tm
 
 
 @pytest.mark.parametrize("backend,tma,dtype", PACKED_FACES)
+def test_varlen_packed_runs_without_any_key(backend, tma, dtype):
+    q = _rand((5, 2, 64), dtype, torch.Generator().manual_seed(6))
+    empty = torch.empty((0, 2, 64), dtype=dtype, device=DEV)
+    cu_q, cu_k = torch.tensor([0, 2, 5], device=DEV), torch.tensor([0, 0, 0], device=DEV)
+    with tuning.override("attention", prefill_tma=tma):
+        for causal in (True, False):
+            out = A.varlen_attention(q, empty, empty, cu_q, 3, causal=causal, cu_seqlens_k=cu_k, backend=backend)
+            assert torch.equal(out, torch.zeros_like(q))
+
+
+@pytest.mark.parametrize("backend,tma,dtype", PACKED_FACES)
 def test_varlen_padded_batch_key_padding(backend, tma, dtype):
-    """A padded batch [B, N]: every frame attends to its own item's first lengths[b] frames."""
+    """A padded batch [B, N]: every frame attends to its own item's first lengths[b] frames;
+    padding frames hold NaN (K and V), which must not reach any output."""
     g = torch.Generator().manual_seed(5)
     b, n, lengths = 3, 40, [40, 17, 1]
     q, k, v = (_rand((b * n, 2, 64), dtype, g) for _ in range(3))
+    for i, length in enumerate(lengths):
+        k[i * n + length:(i + 1) * n] = float("nan")
+        v[i * n + length:(i + 1) * n] = float("nan")
     cu = torch.arange(0, (b + 1) * n, n, device=DEV)
     with tuning.override("attention", prefill_tma=tma):
         out = A.varlen_attention(q, k, v, cu, n, causal=False, cu_seqlens_k=cu,

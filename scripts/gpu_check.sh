@@ -6,6 +6,8 @@
 #
 #   bash scripts/gpu_check.sh OUT_DIR          # core: engine + backbone kernels + anygpt-engine bench
 #   bash scripts/gpu_check.sh OUT_DIR kernels  # the op families' GPU tests, sanitizer and benchmarks
+#   bash scripts/gpu_check.sh OUT_DIR attention-rvq  # only what the attention and RVQ targets need
+#                                              # (their GPU tests, sanitizer, tuned benchmarks): ~8 min
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR [core|kernels]}
 mode=${2:-core}
@@ -59,7 +61,15 @@ case "$mode" in
     done
     mkdir -p "$out/tuning" && cp anygpt_engine/tuning/*.json "$out/tuning/"
     ;;
-  *) echo "unknown mode $mode (core or kernels)"; exit 2 ;;
+  attention-rvq)
+    step pytest_attention_rvq 150 "${pytest_gpu[@]}" tests/test_attention.py tests/test_attention_cuda_abi.py \
+      tests/test_rvq.py
+    step sanitize_attention 45 "${sanitize[@]}" tests/test_attention_cuda_abi.py
+    step bench_attention 150 python benchmarks/bench_attention.py --json "$out/bench_attention.json" --write-tuning
+    step bench_rvq 120 python benchmarks/bench_rvq.py --json "$out/bench_rvq.json" --write-tuning --sizes 2000 32000
+    mkdir -p "$out/tuning" && cp anygpt_engine/tuning/*.json "$out/tuning/"
+    ;;
+  *) echo "unknown mode $mode (core, kernels or attention-rvq)"; exit 2 ;;
 esac
 
 python - "$out" <<'PY'

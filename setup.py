@@ -88,11 +88,12 @@ setup(
         "numpy",
         "safetensors",
         "tqdm",
+        "soundfile",  # wav files for the speech and music pipelines (bundles libsndfile)
     ],
     extras_require={
         # Also, with --no-deps (their torchaudio pins break a CPU torch): speechtokenizer==1.0.1
         # encodec==0.1.1, whose quantizers the RVQ tests compare against (README's Quick start).
-        "test": ["pytest", "hypothesis", "transformers>=4.40", "einops"],
+        "test": ["pytest", "hypothesis", "transformers>=4.40", "einops", "scipy"],
         "hf": ["transformers>=4.40"],
         "gpu": ["nvidia-ml-py"],
     },

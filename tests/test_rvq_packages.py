@@ -16,11 +16,11 @@ from anygpt_engine import codecs, ops
 from test_rvq import assert_same_or_certified_near_tie, bits, near_codeword_frames, random_frames
 
 
-def _quantizer_module(package: str):
-    """`{package}.quantization.vq`. Both packages import torchaudio (and more) from their top-level
-    __init__, which a CPU torch often cannot load; the quantizers themselves need only torch and
-    einops, so on that failure the subpackage is imported under a bare stand-in parent, which is
-    removed from sys.modules again afterwards."""
+def package_module(package: str, module: str = "quantization.vq"):
+    """`{package}.{module}`. Both packages import torchaudio (and more) from their top-level
+    __init__, which a CPU torch often cannot load; their quantizers and networks need only torch,
+    numpy and einops, so on that failure the submodule is imported under a bare stand-in parent,
+    which is removed from sys.modules again afterwards."""
     pytest.importorskip("einops")
     if importlib.util.find_spec(package) is None:
         pytest.skip(f"{package} is not installed")
@@ -30,7 +30,7 @@ def _quantizer_module(package: str):
 
     before = {k: v for k, v in sys.modules.items() if ours(k)}
     try:
-        return importlib.import_module(f"{package}.quantization.vq")
+        return importlib.import_module(f"{package}.{module}")
     except (ImportError, OSError):
         pass
     for name in [k for k in sys.modules if ours(k)]:  # leftovers of the failed import
@@ -39,7 +39,7 @@ def _quantizer_module(package: str):
     parent.__path__ = list(importlib.util.find_spec(package).submodule_search_locations)
     sys.modules[package] = parent
     try:
-        return importlib.import_module(f"{package}.quantization.vq")
+        return importlib.import_module(f"{package}.{module}")
     finally:
         for name in [k for k in sys.modules if ours(k)]:
             del sys.modules[name]
@@ -71,7 +71,7 @@ def _check_against(quantizer_encode, quantizer_decode, codebooks, x_bdt):
 
 @torch.no_grad()
 def test_speechtokenizer_quantizer():
-    vq = _quantizer_module("speechtokenizer")
+    vq = package_module("speechtokenizer")
     torch.manual_seed(0)
     quantizer = vq.ResidualVectorQuantizer(dimension=1024, n_q=8, bins=1024, kmeans_init=False).eval()
     codebooks = codecs.speechtokenizer_codebooks(quantizer)  # keys vq.layers.{l}._codebook.embed
@@ -84,7 +84,7 @@ def test_speechtokenizer_quantizer():
 
 @torch.no_grad()
 def test_encodec_quantizer():
-    vq = _quantizer_module("encodec")
+    vq = package_module("encodec")
     torch.manual_seed(1)
     quantizer = vq.ResidualVectorQuantizer(dimension=128, n_q=4, bins=2048, kmeans_init=False).eval()
     codebooks = codecs.encodec_codebooks(quantizer)

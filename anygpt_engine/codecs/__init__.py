@@ -5,9 +5,10 @@ from anygpt_engine.codecs.loaders import (encodec_codebooks, load_state_dict, se
                                           speechtokenizer_codebooks, stack_codebooks)
 from anygpt_engine.codecs.tokens import (image_codes, image_tokens, music_codes, music_tokens, speech_codes,
                                          speech_tokens)
+from anygpt_engine.codecs.speechtokenizer import SpeechTokenizer
 from anygpt_engine.ops.rvq import RVQCodebooks
 
 __all__ = [
-    "RVQCodebooks", "encodec_codebooks", "image_codes", "image_tokens", "load_state_dict", "music_codes",
+    "RVQCodebooks", "SpeechTokenizer", "encodec_codebooks", "image_codes", "image_tokens", "load_state_dict", "music_codes",
     "music_tokens", "seed_codebook", "speech_codes", "speech_tokens", "speechtokenizer_codebooks", "stack_codebooks",
 ]

@@ -17,26 +17,35 @@ import torch
 from anygpt_engine.codecs.base import RVQCodec
 from anygpt_engine.codecs.loaders import load_state_dict, speechtokenizer_codebooks
 from anygpt_engine.models.speechtokenizer import SpeechTokenizerConfig, SpeechTokenizerNet, load_network
+from anygpt_engine.ops.rvq import RVQCodebooks
 
 
 class SpeechTokenizer(RVQCodec):
     """The encode/decode contract is RVQCodec's; `levels` defaults to all 8 (the upstream
     encode's default), and AnyGPT's speech input needs only levels=1."""
 
-    def __init__(self, config: SpeechTokenizerConfig, state: Mapping[str, torch.Tensor], device=None, dtype=None):
+    def __init__(self, config: SpeechTokenizerConfig, state: Mapping[str, torch.Tensor] | None, device=None,
+                 dtype=None, seed: int = 0):
+        """`state`: the package's state dict; None gives random weights from `seed` (benchmarks)."""
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = dtype if dtype is not None else torch.float32
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype={self.dtype}, expected torch.float32, float16 or bfloat16")
-        books = speechtokenizer_codebooks(state, device=self.device)
+        self.config = config
+        self.net = SpeechTokenizerNet(config)
+        if state is None:
+            generator = torch.Generator().manual_seed(seed + 1)
+            books = RVQCodebooks(torch.randn(config.n_q, config.codebook_size, config.dimension, generator=generator)
+                                 .mul_(config.dimension ** -0.5).to(self.device))
+            self.net.init_random(seed)
+        else:
+            books = speechtokenizer_codebooks(state, device=self.device)
+            load_network(self.net, state)
         if books.levels != config.n_q or books.codebook_size != config.codebook_size or books.dim != config.dimension:
             raise ValueError(f"SpeechTokenizer codebooks {tuple(books.embed.shape)} do not match the config "
                              f"(n_q={config.n_q}, codebook_size={config.codebook_size}, dimension={config.dimension})")
         super().__init__(books)
-        self.config = config
-        self.net = SpeechTokenizerNet(config)
-        load_network(self.net, state)
         self.net.to(device=self.device, dtype=self.dtype).eval()
         self.sample_rate = config.sample_rate
         self.hop_length = config.hop_length
@@ -57,3 +66,4 @@ class SpeechTokenizer(RVQCodec):
 
     def _decode_frames(self, frames: torch.Tensor) -> torch.Tensor:
         return self.net.decoder(frames)
+

@@ -187,6 +187,18 @@ class SpeechTokenizerNet(nn.Module):
         self.encoder = nn.Sequential(*_encoder_layers(config))
         self.decoder = nn.Sequential(*_decoder_layers(config))
 
+    def init_random(self, seed: int = 0) -> None:
+        """Deterministic random weights (drawn on the CPU): N(0, 1/fan_in) conv and LSTM matrices,
+        zero biases. For benchmarks and tests without a checkpoint."""
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("bias") or ".bias_" in name:
+                    p.zero_()
+                else:
+                    fan_in = p.shape[1] * (p.shape[2] if p.dim() == 3 else 1)
+                    p.copy_(torch.randn(p.shape, generator=generator) * fan_in ** -0.5)
+
 
 # -- checkpoint names ----------------------------------------------------------------------------
 # The package nests each conv as SConv1d.conv (NormConv1d).conv (nn.Conv1d) and each transposed

@@ -7,9 +7,9 @@ count, start as soon as the first chunk's tokens exist and stop at <eosp>."""
 import pytest
 import torch
 
-from anygpt_engine import SoundStorm, SoundStormConfig, Vocabulary, codecs
+from anygpt_engine import Engine, SamplingParams, SoundStorm, SoundStormConfig, Vocabulary, codecs
 from anygpt_engine.models.speechtokenizer import SpeechTokenizerConfig
-from anygpt_engine.pipelines import SpeechPipeline, StreamConfig
+from anygpt_engine.pipelines import SpeechPipeline, StreamConfig, stream_tokens
 
 VOCAB = Vocabulary.anygpt()
 SOSP, EOSP = VOCAB.start_token("speech"), VOCAB.end_token("speech")
@@ -78,15 +78,23 @@ def test_prompt_tokens_are_level_one_codes(speech):
 
 
 class Recorder:
-    """Token iterator that remembers how many tokens were taken."""
+    """Token iterator that counts the tokens taken and passes close() on to its source."""
 
     def __init__(self, ids):
-        self.ids, self.taken = ids, 0
+        self.source, self.taken, self.closed = iter(ids), 0, False
 
     def __iter__(self):
-        for token in self.ids:
-            self.taken += 1
-            yield token
+        return self
+
+    def __next__(self):
+        token = next(self.source)
+        self.taken += 1
+        return token
+
+    def close(self):
+        self.closed = True
+        if hasattr(self.source, "close"):
+            self.source.close()
 
 
 @pytest.mark.parametrize("frames", [24, 25])  # shorter than, and exactly, the first chunk
@@ -106,10 +114,10 @@ def test_small_chunks_stream_early_with_the_right_length(speech):
     tokens = Recorder(ids)
     stream = speech.stream(tokens, config=config)
     first = next(stream)
-    assert tokens.taken == 1 + 8  # <sosp> and the first chunk's frames, nothing more
+    assert tokens.taken == 1 + 8 and not tokens.closed  # <sosp> and the first chunk's frames, nothing more
     assert first.shape == ((8 - 2) * 320,)
     rest = list(stream)
-    assert tokens.taken == 1 + 61 + 1
+    assert tokens.taken == 1 + 61 + 1 and tokens.closed  # closed at <eosp>
     assert sum(c.shape[0] for c in [first, *rest]) == 61 * 320
     assert len(rest) == 4  # chunks ending at 24, 40 and 56 frames, then the 5-frame tail with the held-back end
     whole = speech.synthesize(ids[:63])
@@ -140,3 +148,31 @@ def test_bad_input(speech):
     with pytest.raises(ValueError, match="SoundStorm fills"):
         SpeechPipeline(SoundStorm(SoundStormConfig(dim=32, depth=1, heads=2, dim_head=16, num_quantizers=3,
                                                    codebook_size=CODES)), speech.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def speech1024():
+    """AnyGPT's codebook size, for replies the LLM samples (values 0..1023)."""
+    storm = SoundStorm(SoundStormConfig(dim=32, depth=1, heads=2, dim_head=16, conv_kernel_size=5)).eval()
+    tokenizer = codecs.SpeechTokenizer(SpeechTokenizerConfig(n_filters=4, dimension=32), None, device="cpu")
+    return SpeechPipeline(storm, tokenizer)
+
+
+def test_speech_streams_from_the_engine_while_it_generates(speech1024):
+    speech = speech1024
+    engine = Engine("tiny", device="cpu", max_batch_size=2)
+    prompt = [1, 32000, 3, 4, 5, 32002, 32001, SOSP]  # [Human] ... <eoh> [MMGPT] <sosp>
+    params = SamplingParams.greedy(30, min_new_tokens=30, stop_token_ids=(EOSP,))
+    reply_ids = engine.generate([prompt], params)[0]
+    assert all(t in VOCAB.range("speech") for t in reply_ids)  # constrained decoding inside <sosp>
+    assert list(stream_tokens(engine, prompt, params)) == reply_ids
+    tokens = Recorder(stream_tokens(engine, prompt, params))
+    config = StreamConfig(first_chunk_frames=10, chunk_frames=10, lookahead_frames=2)
+    chunks = speech.stream(tokens, config=config)
+    first = next(chunks)
+    assert tokens.taken == 10 and first.shape == (8 * 320,)
+    chunks.close()  # the listener hangs up: the request is aborted and its blocks freed
+    stats = engine.stats()
+    assert not engine.has_unfinished() and stats.running == 0 and stats.used_blocks == 0
+    whole = torch.cat(list(speech.stream(stream_tokens(engine, prompt, params), config=StreamConfig(64))))
+    assert torch.equal(whole, speech.synthesize(reply_ids))

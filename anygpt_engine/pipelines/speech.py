@@ -155,7 +155,9 @@ class SpeechPipeline:
                config: StreamConfig | None = None) -> Iterator[torch.Tensor]:
         """Yields 16 kHz float32 wav chunks while `tokens` (LLM output ids, e.g. as the engine
         emits them) are still arriving. Speech value tokens are the utterance; it ends at
-        `<eosp>` or when the iterator ends; other tokens (`<sosp>`, text) are skipped."""
+        `<eosp>` or when the iterator ends; other tokens (`<sosp>`, text) are skipped. When the
+        stream stops reading (at `<eosp>`, or closed early by its listener) it closes `tokens`
+        if that has a close() (stream_tokens then aborts its request)."""
         return _SpeechStream(self, voice, config or StreamConfig()).run(tokens)
 
 
@@ -170,6 +172,15 @@ class _SpeechStream:
         self.chunks = 0
 
     def run(self, tokens: Iterable[int]) -> Iterator[torch.Tensor]:
+        iterator = iter(tokens)
+        try:
+            yield from self._consume(iterator)
+        finally:  # stopped reading (<eosp>, or the listener closed the stream): tell the source
+            close = getattr(iterator, "close", None)
+            if close is not None:
+                close()
+
+    def _consume(self, tokens: Iterator[int]) -> Iterator[torch.Tensor]:
         speech = self.p.vocab.range("speech")
         end = self.p.vocab.end_token("speech")
         for token in tokens:

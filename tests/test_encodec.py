@@ -32,6 +32,16 @@ CONFIGS = {
 BANDWIDTH = {"32k": 2.2, "24k": 3.0}  # 4 codebooks, AnyGPT's
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These networks run hundreds of tiny ops: intra-op threads only add OpenMP barriers, which
+    on a shared 2-core machine made this file ~6x slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomize(model, seed):
     """transformers initialises g = ||v|| (so w = v: a loader ignoring g would pass) and zero
     codebooks: draw g around ||v||, and codebooks at the scale of the encoder's output."""

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anygpt_engine import ops
+from anygpt_engine.models.seanet import ELU, LSTM, Conv, ConvTranspose
 from anygpt_engine.ops.rvq import RVQCodebooks
 
 ANYGPT_LEVELS = 4  # AnyGPT codes both models at 4 codebooks (32 kHz: 2.2 kbps; 24 kHz: 3.0 kbps)
@@ -141,105 +141,47 @@ class EncodecConfig:
         return int(max(1, math.floor(bandwidth * 1000 / bits_per_level)))
 
 
-# ---- layers ----------------------------------------------------------------------------------
-def _pad1d(x: torch.Tensor, left: int, right: int, mode: str) -> torch.Tensor:
-    """F.pad that also reflects inputs shorter than the padding (zeros appended first, then cut
-    off again), as transformers' EncodecConv1d._pad1d does."""
-    if mode != "reflect":
-        return F.pad(x, (left, right), mode)
-    extra = max(0, max(left, right) - x.shape[-1] + 1)
-    padded = F.pad(F.pad(x, (0, extra)), (left, right), mode)
-    return padded[..., :padded.shape[-1] - extra]
-
-
-class Conv(nn.Module):
-    """Conv1d padded so that N samples give ceil(N / stride) frames (see module doc)."""
-
-    def __init__(self, c: EncodecConfig, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1, **kw):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin, kernel, **kw))
-        self.bias = nn.Parameter(torch.empty(cout, **kw))
-        self.stride, self.dilation, self.causal, self.pad_mode = stride, dilation, c.use_causal_conv, c.pad_mode
-        self.padding = (kernel - 1) * dilation + 1 - stride  # effective kernel - stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        extra = (-x.shape[-1]) % self.stride  # right padding up to a whole last frame
-        if self.causal:
-            x = _pad1d(x, self.padding, extra, self.pad_mode)
-        else:
-            right = self.padding // 2
-            x = _pad1d(x, self.padding - right, right + extra, self.pad_mode)
-        return F.conv1d(x, self.weight, self.bias, self.stride, dilation=self.dilation)
-
-
-class ConvTranspose(nn.Module):
-    """ConvTranspose1d trimmed back to (input frames) * stride samples."""
-
-    def __init__(self, c: EncodecConfig, cin: int, cout: int, kernel: int, stride: int, **kw):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(cin, cout, kernel, **kw))
-        self.bias = nn.Parameter(torch.empty(cout, **kw))
-        self.stride = stride
-        padding = kernel - stride
-        self.trim_right = math.ceil(padding * c.trim_right_ratio) if c.use_causal_conv else padding // 2
-        self.trim_left = padding - self.trim_right
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv_transpose1d(x, self.weight, self.bias, self.stride)
-        return y[..., self.trim_left:y.shape[-1] - self.trim_right]
-
-
-class LSTM(nn.Module):
-    """Unidirectional LSTM over frames with a skip connection; [B, C, T] in and out."""
-
-    def __init__(self, c: EncodecConfig, dim: int, **kw):
-        super().__init__()
-        self.lstm = nn.LSTM(dim, dim, c.num_lstm_layers, **kw)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(2, 0, 1)  # [T, B, C]
-        return (self.lstm(x)[0] + x).permute(1, 2, 0)
-
-
+# ---- layers (SEANet's, models/seanet.py) ----------------------------------------------------
 class ResnetBlock(nn.Module):
     def __init__(self, c: EncodecConfig, dim: int, dilation: int, **kw):
         super().__init__()
         hidden = dim // c.compress
         # Indices 1 and 3 as in transformers' block list [ELU, conv, ELU, conv] (names are the checkpoint's).
-        self.block = nn.ModuleDict({"1": Conv(c, dim, hidden, c.residual_kernel_size, dilation=dilation, **kw),
-                                    "3": Conv(c, hidden, dim, 1, **kw)})
-        self.shortcut = Conv(c, dim, dim, 1, **kw) if c.use_conv_shortcut else None
+        kw = dict(causal=c.use_causal_conv, pad_mode=c.pad_mode, **kw)
+        self.block = nn.ModuleDict({"1": Conv(dim, hidden, c.residual_kernel_size, dilation=dilation, **kw),
+                                    "3": Conv(hidden, dim, 1, **kw)})
+        self.shortcut = Conv(dim, dim, 1, **kw) if c.use_conv_shortcut else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.block["3"](F.elu(self.block["1"](F.elu(x))))
         return (self.shortcut(x) if self.shortcut is not None else x) + h
 
 
-class ELU(nn.Module):
-    """A layer of its own so the layer indices (and the checkpoint's names) are transformers'."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.elu(x)
+def _conv(c: EncodecConfig, *args, **kw) -> Conv:
+    return Conv(*args, causal=c.use_causal_conv, pad_mode=c.pad_mode, **kw)
 
 
 def _encoder_layers(c: EncodecConfig, **kw) -> list[nn.Module]:
-    layers: list[nn.Module] = [Conv(c, c.audio_channels, c.num_filters, c.kernel_size, **kw)]
+    layers: list[nn.Module] = [_conv(c, c.audio_channels, c.num_filters, c.kernel_size, **kw)]
     channels = c.num_filters
     for ratio in reversed(c.upsampling_ratios):
         layers += [ResnetBlock(c, channels, c.dilation_growth_rate ** j, **kw) for j in range(c.num_residual_layers)]
-        layers += [ELU(), Conv(c, channels, 2 * channels, 2 * ratio, stride=ratio, **kw)]
+        layers += [ELU(), _conv(c, channels, 2 * channels, 2 * ratio, stride=ratio, **kw)]
         channels *= 2
-    return layers + [LSTM(c, channels, **kw), ELU(), Conv(c, channels, c.hidden_size, c.last_kernel_size, **kw)]
+    return layers + [LSTM(channels, c.num_lstm_layers, **kw), ELU(),
+                     _conv(c, channels, c.hidden_size, c.last_kernel_size, **kw)]
 
 
 def _decoder_layers(c: EncodecConfig, **kw) -> list[nn.Module]:
     channels = c.num_filters * 2 ** len(c.upsampling_ratios)
-    layers: list[nn.Module] = [Conv(c, c.hidden_size, channels, c.kernel_size, **kw), LSTM(c, channels, **kw)]
+    layers: list[nn.Module] = [_conv(c, c.hidden_size, channels, c.kernel_size, **kw),
+                               LSTM(channels, c.num_lstm_layers, **kw)]
     for ratio in c.upsampling_ratios:
-        layers += [ELU(), ConvTranspose(c, channels, channels // 2, 2 * ratio, ratio, **kw)]
+        layers += [ELU(), ConvTranspose(channels, channels // 2, 2 * ratio, ratio, causal=c.use_causal_conv,
+                                        trim_right_ratio=c.trim_right_ratio, **kw)]
         channels //= 2
         layers += [ResnetBlock(c, channels, c.dilation_growth_rate ** j, **kw) for j in range(c.num_residual_layers)]
-    return layers + [ELU(), Conv(c, c.num_filters, c.audio_channels, c.last_kernel_size, **kw)]
+    return layers + [ELU(), _conv(c, c.num_filters, c.audio_channels, c.last_kernel_size, **kw)]
 
 
 class EncodecNetwork(nn.Module):

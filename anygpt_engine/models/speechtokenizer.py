@@ -9,9 +9,8 @@ reference's. The networks are plain torch modules. Weights load from the publish
 weight norm is folded into plain conv weights at load, either spelling (`weight_g`/`weight_v`
 or `parametrizations.weight.original0/1`).
 
-Padding follows the package exactly: reflect padding split around each conv (non-causal), plus
-extra right padding so every stride window is whole; T = ceil(samples / 320) frames. The
-decoder's transposed convs trim their overhang, so decode gives 320 samples per frame.
+The layers are SEANet's (models/seanet.py, shared with EnCodec): non-causal, reflect padding, so
+T = ceil(samples / 320) frames and decode gives 320 samples per frame.
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ from typing import Mapping
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from anygpt_engine.models.seanet import ELU, LSTM, Conv, ConvTranspose
 
 
 @dataclass(frozen=True)
@@ -77,104 +77,41 @@ class SpeechTokenizerConfig:
         return cls(**kwargs)
 
 
-class SeanetConv(nn.Module):
-    """Conv1d with SEANet's padding: reflect, split (left gets the odd one), plus the extra right
-    padding that makes the last stride window whole (the `speechtokenizer` package's SConv1d)."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, dilation: int = 1):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(cout, cin, kernel))
-        self.bias = nn.Parameter(torch.empty(cout))
-        self.stride, self.dilation = stride, dilation
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel, stride, n = self.weight.shape[-1], self.stride, x.shape[-1]
-        total = (kernel - 1) * self.dilation - (stride - 1)
-        frames = (n - kernel + total) / stride + 1
-        extra = (math.ceil(frames) - 1) * stride + (kernel - total) - n
-        right = total // 2
-        return F.conv1d(reflect_pad(x, total - right, right + extra), self.weight, self.bias, stride,
-                        dilation=self.dilation)
-
-
-class SeanetConvTranspose(nn.Module):
-    """ConvTranspose1d that trims its kernel-minus-stride overhang (right gets the odd half)."""
-
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(cin, cout, kernel))
-        self.bias = nn.Parameter(torch.empty(cout))
-        self.stride = stride
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.conv_transpose1d(x, self.weight, self.bias, self.stride)
-        total = self.weight.shape[-1] - self.stride
-        right = total // 2
-        return y[..., total - right:y.shape[-1] - right]
-
-
-def reflect_pad(x: torch.Tensor, left: int, right: int) -> torch.Tensor:
-    """Reflect padding that also works when the signal is not longer than the padding: zeros are
-    appended first, reflected, then cut off again (as the package does)."""
-    n = x.shape[-1]
-    extra = max(0, max(left, right) - n + 1)
-    if extra:
-        x = F.pad(x, (0, extra))
-    padded = F.pad(x, (left, right), mode="reflect")
-    return padded[..., :padded.shape[-1] - extra]
-
-
 class ResidualBlock(nn.Module):
     """ELU -> conv k (dilated) to dim/2 -> ELU -> conv 1 back to dim, plus a 1x1-conv shortcut."""
 
     def __init__(self, dim: int, kernel: int, dilation: int):
         super().__init__()
         hidden = dim // 2
-        self.block = nn.Sequential(nn.ELU(), SeanetConv(dim, hidden, kernel, dilation=dilation), nn.ELU(),
-                                   SeanetConv(hidden, dim, 1))
-        self.shortcut = SeanetConv(dim, dim, 1)
+        self.block = nn.Sequential(ELU(), Conv(dim, hidden, kernel, dilation=dilation), ELU(), Conv(hidden, dim, 1))
+        self.shortcut = Conv(dim, dim, 1)
 
     def forward(self, x):
         return self.shortcut(x) + self.block(x)
 
 
-class SkipLSTM(nn.Module):
-    """LSTM over time on [B, C, T] with a skip connection (input repeated for a bidirectional one)."""
-
-    def __init__(self, dim: int, layers: int, bidirectional: bool):
-        super().__init__()
-        self.lstm = nn.LSTM(dim, dim, layers, bidirectional=bidirectional)
-
-    def forward(self, x):
-        x = x.permute(2, 0, 1)
-        y, _ = self.lstm(x)
-        if self.lstm.bidirectional:
-            x = x.repeat(1, 1, 2)
-        return (y + x).permute(1, 2, 0)
-
-
 def _encoder_layers(c: SpeechTokenizerConfig) -> list[nn.Module]:
     width = c.n_filters
-    layers: list[nn.Module] = [SeanetConv(1, width, 7)]
+    layers: list[nn.Module] = [Conv(1, width, 7)]
     for ratio in reversed(c.strides):
         layers += [ResidualBlock(width, c.residual_kernel_size, c.dilation_base ** j)
                    for j in range(c.n_residual_layers)]
-        layers += [nn.ELU(), SeanetConv(width, width * 2, ratio * 2, stride=ratio)]
+        layers += [ELU(), Conv(width, width * 2, ratio * 2, stride=ratio)]
         width *= 2
-    layers.append(SkipLSTM(width, c.lstm_layers, c.bidirectional))
+    layers.append(LSTM(width, c.lstm_layers, c.bidirectional))
     width *= 2 if c.bidirectional else 1
-    return layers + [nn.ELU(), SeanetConv(width, c.dimension, 7)]
+    return layers + [ELU(), Conv(width, c.dimension, 7)]
 
 
 def _decoder_layers(c: SpeechTokenizerConfig) -> list[nn.Module]:
     width = c.n_filters * 2 ** len(c.strides)
-    layers: list[nn.Module] = [SeanetConv(c.dimension, width, 7), SkipLSTM(width, c.lstm_layers, False)]
+    layers: list[nn.Module] = [Conv(c.dimension, width, 7), LSTM(width, c.lstm_layers)]
     for ratio in c.strides:
-        layers += [nn.ELU(), SeanetConvTranspose(width, width // 2, ratio * 2, ratio)]
+        layers += [ELU(), ConvTranspose(width, width // 2, ratio * 2, ratio)]
         layers += [ResidualBlock(width // 2, c.residual_kernel_size, c.dilation_base ** j)
                    for j in range(c.n_residual_layers)]
         width //= 2
-    return layers + [nn.ELU(), SeanetConv(c.n_filters, 1, 7)]
+    return layers + [ELU(), Conv(c.n_filters, 1, 7)]
 
 
 class SpeechTokenizerNet(nn.Module):
@@ -225,9 +162,7 @@ def fold_weight_norm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
     for name, pair in pairs.items():
         if set(pair) != {"g", "v"}:
             raise ValueError(f"weight-norm parameters of {name} are incomplete: found only {sorted(pair)}")
-        v = pair["v"].float()
-        norm = v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
-        out[name] = pair["g"].float() * v / norm
+        out[name] = torch._weight_norm(pair["v"].float(), pair["g"].float(), 0)  # what weight norm evaluates
     return out
 
 

@@ -30,6 +30,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many tiny ops (the codec networks): intra-op threads only add OpenMP
+    barriers, which on a busy 2-core machine made such modules several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def poison(t: torch.Tensor) -> torch.Tensor:
     """Fills an output buffer with NaN so a kernel that skips elements cannot pass."""
     return t.fill_(float("nan")) if t.dtype.is_floating_point else t.fill_(-1)

@@ -21,6 +21,7 @@ from anygpt_engine.models.encodec import EncodecConfig, EncodecNetwork
 from test_rvq import assert_same_or_certified_near_tie
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = dict(num_filters=4, hidden_size=16, codebook_dim=16, num_lstm_layers=2)
 CONFIGS = {
@@ -30,16 +31,6 @@ CONFIGS = {
                 target_bandwidths=[1.5, 3.0, 6.0], use_causal_conv=True, use_conv_shortcut=True),
 }
 BANDWIDTH = {"32k": 2.2, "24k": 3.0}  # 4 codebooks, AnyGPT's
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These networks run hundreds of tiny ops: intra-op threads only add OpenMP barriers, which
-    on a shared 2-core machine made this file ~6x slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _randomize(model, seed):

@@ -9,6 +9,7 @@ from anygpt_engine import Vocabulary, codecs
 from anygpt_engine.pipelines import MusicPipeline
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = Vocabulary.anygpt()
 SOMU, EOMU = VOCAB.start_token("music"), VOCAB.end_token("music")
 

@@ -11,6 +11,7 @@ from anygpt_engine import Engine, SamplingParams, SoundStorm, SoundStormConfig, 
 from anygpt_engine.models.speechtokenizer import SpeechTokenizerConfig
 from anygpt_engine.pipelines import SpeechPipeline, StreamConfig, stream_tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = Vocabulary.anygpt()
 SOSP, EOSP = VOCAB.start_token("speech"), VOCAB.end_token("speech")
 FIRST = VOCAB.range("speech").start

@@ -15,6 +15,7 @@ from anygpt_engine.models.speechtokenizer import SpeechTokenizerConfig
 from test_rvq import assert_same_or_certified_near_tie
 from test_rvq_packages import package_module
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 CONFIG = dict(n_filters=4, dimension=32, semantic_dimension=16, strides=[8, 5, 4, 2], lstm_layers=2,
               bidirectional=True, dilation_base=2, residual_kernel_size=3, n_residual_layers=1, activation="ELU",
               sample_rate=16000, n_q=8, codebook_size=64, learning_rate=1e-4)  # a training key, ignored

@@ -223,8 +223,8 @@ class _SentencePieceBackend(_Backend):
         self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
 
         # Added tokens: 4.34's tokenizer_config.json lists them with their flags; older checkpoints
-        # have added_tokens.json (4.34 read those with no stripping). Special tokens are added
-        # tokens too, so the text is split on them.
+        # have added_tokens.json (4.34 read those with no stripping); newer ones only tokenizer.json.
+        # Special tokens are added tokens too, so the text is split on them.
         decoder: dict[int, _AddedToken] = {}
         for index, entry in (config.get("added_tokens_decoder") or {}).items():
             decoder[int(index)] = _AddedToken(entry["content"], entry.get("lstrip"), entry.get("rstrip"),
@@ -232,6 +232,10 @@ class _SentencePieceBackend(_Backend):
         if not decoder:
             for content, index in (_read_json(path / "added_tokens.json") or {}).items():
                 decoder[int(index)] = _AddedToken(content, special=content in self.special_tokens)
+        if not decoder and (path / "tokenizer.json").exists():
+            for entry in (_read_json(path / "tokenizer.json") or {}).get("added_tokens", []):
+                decoder[int(entry["id"])] = _AddedToken(entry["content"], entry.get("lstrip"), entry.get("rstrip"),
+                                                        entry.get("single_word"), entry.get("special"))
         for content in self.special_tokens:
             if content not in {t.content for t in decoder.values()}:
                 index = self._sp.piece_to_id(content)

@@ -60,6 +60,19 @@ class Chat:
         self._end_id = end  # None when the template's end marker is not one token of this tokenizer
         self._stop_ids = tuple(dict.fromkeys(t for t in (end, self.tokenizer.eos_token_id) if t is not None))
 
+    @classmethod
+    def from_messages(cls, engine, messages: list[dict], template: ChatTemplate | str = "MMGPT", *,
+                      params: SamplingParams | None = None) -> "Chat":
+        """Continues an existing conversation (OpenAI-style messages ending with an assistant
+        message); its history is the tokenised rendering, prefilled on the next turn."""
+        chat = cls(engine, template, params=params)
+        system, turns = chat.template.split(messages)
+        if not turns or turns[-1]["role"] != "assistant":
+            raise ValueError("messages must end with an assistant message (the next turn is the user's)")
+        chat.system, chat._turns = system, turns
+        chat._ids = chat.tokenizer.encode(chat.template.render(messages))
+        return chat
+
     # -- state ---------------------------------------------------------------------------------
     @property
     def messages(self) -> list[dict]:

@@ -57,7 +57,8 @@ class ChatTemplate:
         """The prompt for OpenAI-style messages: an optional system message first, then user and
         assistant turns alternating, starting with the user. Ends with the reply prompt
         "[MMGPT]:" (and " <soX>" for force_modality) when the last message is the user's."""
-        system, turns = self._turns(messages)
+        system, turns = self.split(messages)
+        turns = [(m["role"], m["content"]) for m in turns]
         if force_modality is not None:
             if force_modality not in FORCEABLE:
                 raise ValueError(f"force_modality={force_modality!r}, expected None or one of {FORCEABLE}")
@@ -78,7 +79,8 @@ class ChatTemplate:
                 out += " " + start_token_text(force_modality)
         return out
 
-    def _turns(self, messages: list[dict]) -> tuple[str, list[tuple[str, str]]]:
+    def split(self, messages: list[dict]) -> tuple[str, list[dict]]:
+        """(system message, the user/assistant turns), checked: roles alternate, user first."""
         if not isinstance(messages, (list, tuple)):
             raise TypeError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
         system, turns = self.system, []
@@ -100,7 +102,7 @@ class ChatTemplate:
             expected = "user" if len(turns) % 2 == 0 else "assistant"
             if role != expected:
                 raise ValueError(f"messages[{i}]['role']={role!r}, expected {expected!r} (turns alternate, user first)")
-            turns.append((role, content))
+            turns.append({"role": role, "content": content})
         return system, turns
 
     def reply_text(self, text: str) -> str:

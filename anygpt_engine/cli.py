@@ -86,7 +86,7 @@ def _generate(args) -> int:
     from anygpt_engine.chat.terminal import one_turn
 
     if (args.message is None) == (args.prompt_ids is None):
-        raise ValueError("give a message (or '-' to read it from stdin) or --prompt-ids, not both")
+        raise ValueError("give exactly one of: a message ('-' reads it from stdin), --prompt-ids IDS")
     engine, turns = _chat_setup(args)
     if args.prompt_ids is not None:
         ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]

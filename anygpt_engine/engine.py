@@ -127,15 +127,7 @@ class Engine:
         self.model.eval()
 
         # Text prompts: the checkpoint's tokenizer, or one given (a preset has none by default).
-        if tokenizer is None and checkpoint is not None and Tokenizer.exists(checkpoint):
-            tokenizer = checkpoint
-        if isinstance(tokenizer, (str, os.PathLike)):
-            tokenizer = Tokenizer.from_pretrained(tokenizer)
-        if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
-            raise TypeError(f"tokenizer must be a Tokenizer or a directory, got {type(tokenizer).__name__}")
-        if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {config.vocab_size}")
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer = Tokenizer.for_model(tokenizer, checkpoint, config.vocab_size)
 
         if vocab is None:
             vocab = self._default_vocab(checkpoint or (tokenizer.path if tokenizer is not None else None))

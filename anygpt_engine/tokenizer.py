@@ -66,6 +66,23 @@ class Tokenizer:
         path = Path(path)
         return (path / "tokenizer.json").exists() or (path / "tokenizer.model").exists()
 
+    @classmethod
+    def for_model(cls, tokenizer, checkpoint: Path | None, vocab_size: int) -> "Tokenizer | None":
+        """The tokenizer an Engine uses: the one given (a Tokenizer or a directory), else the
+        checkpoint directory's own when it ships one, else None; checked against the model's
+        vocabulary size."""
+        if tokenizer is None and checkpoint is not None and cls.exists(checkpoint):
+            tokenizer = checkpoint
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = cls.from_pretrained(tokenizer)
+        if tokenizer is None:
+            return None
+        if not isinstance(tokenizer, Tokenizer):
+            raise TypeError(f"tokenizer must be a Tokenizer or a directory, got {type(tokenizer).__name__}")
+        if tokenizer.vocab_size > vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {vocab_size}")
+        return tokenizer
+
     # -- the API -------------------------------------------------------------------------------
     @property
     def backend(self) -> str:

@@ -160,7 +160,9 @@ class Chat:
                 while engine.has_unfinished():
                     engine.step()
             raise
-        reply = parse_reply(self.tokenizer.decode(forced + reply_ids, skip_special_tokens=True), self.template)
+        # Modality tokens stay in the text even where a tokenizer marks them special; only </s> goes.
+        eos = self.tokenizer.eos_token_id
+        reply = parse_reply(self.tokenizer.decode([t for t in forced + reply_ids if t != eos]), self.template)
         reply.token_ids, reply.finish_reason = reply_ids, finish
         reply.prompt_tokens, reply.cached_tokens = len(prompt), engine.stats().prefix_hits - hits_before
         self._remember(content, prompt, reply_ids, reply)

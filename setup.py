@@ -89,11 +89,16 @@ setup(
         "safetensors",
         "tqdm",
         "soundfile",  # wav files for the speech and music pipelines (bundles libsndfile)
+        # Text tokenizers of checkpoints (anygpt_engine.tokenizer): tokenizer.json and tokenizer.model.
+        "tokenizers",
+        "sentencepiece",
     ],
     extras_require={
         # Also, with --no-deps (their torchaudio pins break a CPU torch): speechtokenizer==1.0.1
         # encodec==0.1.1, whose quantizers the RVQ tests compare against (README's Quick start).
-        "test": ["pytest", "hypothesis", "transformers>=4.40", "einops", "scipy"],
+        # protobuf: transformers converts the tests' tokenizer.model files to tokenizer.json with it;
+        # scipy: resample_poly, the oracle of codecs.audio.resample.
+        "test": ["pytest", "hypothesis", "transformers>=4.40", "einops", "protobuf", "scipy"],
         "hf": ["transformers>=4.40"],
         "gpu": ["nvidia-ml-py"],
     },

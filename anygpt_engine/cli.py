@@ -1,9 +1,12 @@
-"""Command line: `anygpt-engine bench` (see anygpt_engine.bench) and `anygpt-engine profile`."""
+"""Command line: `anygpt-engine bench` (see anygpt_engine.bench), `anygpt-engine profile`, and
+`anygpt-engine chat` / `generate` (see anygpt_engine.chat.terminal)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+from pathlib import Path
 
 
 def _bench(args) -> int:
@@ -46,6 +49,93 @@ def _profile(args) -> int:
     return 0
 
 
+def _chat_setup(args):
+    from anygpt_engine.chat import Chat
+    from anygpt_engine.chat.media import MediaOptions
+    from anygpt_engine.chat.terminal import Turns
+    from anygpt_engine.engine import Engine
+
+    engine = Engine(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, seed=args.seed,
+                    max_batch_size=8)
+    options = MediaOptions(out_dir=Path(args.out), speech_tokenizer=tuple(args.speech_tokenizer or ()) or None,
+                           soundstorm=args.soundstorm, music_codec=args.music_codec, voice_prompt=args.voice_prompt)
+    if engine.tokenizer is None:
+        return engine, None
+    chat = Chat(engine, args.template, system=args.system)
+    turns = Turns(chat, options, force_modality=args.force_modality, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, seed=args.seed)
+    return engine, turns
+
+
+def _no_tokenizer(args) -> ValueError:
+    return ValueError(f"--model {args.model} has no tokenizer files: give --tokenizer DIR (a directory with "
+                      "tokenizer.json or tokenizer.model and AnyGPT's added tokens)"
+                      + ("" if args.command == "chat" else ", or token ids with --prompt-ids"))
+
+
+def _chat(args) -> int:
+    from anygpt_engine.chat.terminal import interact
+
+    _, turns = _chat_setup(args)
+    if turns is None:
+        raise _no_tokenizer(args)
+    return interact(turns)
+
+
+def _generate(args) -> int:
+    from anygpt_engine.chat.terminal import one_turn
+
+    if (args.message is None) == (args.prompt_ids is None):
+        raise ValueError("give exactly one of: a message ('-' reads it from stdin), --prompt-ids IDS")
+    engine, turns = _chat_setup(args)
+    if args.prompt_ids is not None:
+        ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        params = _plain_params(args)
+        print(" ".join(str(t) for t in engine.generate([ids], params)[0]))
+        return 0
+    if turns is None:
+        raise _no_tokenizer(args)
+    message = sys.stdin.read() if args.message == "-" else args.message
+    if args.raw:
+        out = engine.generate([message], _plain_params(args))[0]
+        print(engine.tokenizer.decode(out))
+        return 0
+    return one_turn(turns, message, as_json=args.json)
+
+
+def _plain_params(args):
+    from anygpt_engine.chat import chat_params
+
+    params = chat_params("text")
+    changes = {k: v for k, v in (("max_new_tokens", args.max_new_tokens), ("temperature", args.temperature),
+                                 ("seed", args.seed)) if v is not None}
+    if "max_new_tokens" in changes:
+        changes["min_new_tokens"] = min(params.min_new_tokens, changes["max_new_tokens"])
+    return dataclasses.replace(params, **changes)
+
+
+def _add_chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="checkpoint directory or preset (tiny, anygpt-7b; random weights)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer directory (default: the checkpoint's own; presets have none)")
+    p.add_argument("--template", default="MMGPT", choices=["MMGPT", "AnyGPT"],
+                   help="AnyGPT's conversation template (MMGPT: the name its chat model was trained with)")
+    p.add_argument("--system", default=None, help="system message (default: the template's)")
+    p.add_argument("--speech-tokenizer", nargs=2, default=None, metavar=("CONFIG", "CKPT"),
+                   help="SpeechTokenizer config.json and checkpoint (speech input and output)")
+    p.add_argument("--soundstorm", default=None, metavar="PT", help="SoundStorm checkpoint (speech output)")
+    p.add_argument("--music-codec", default=None, metavar="DIR", help="EnCodec 32 kHz directory (music)")
+    p.add_argument("--voice-prompt", default=None, metavar="WAV", help="voice for speech replies")
+    p.add_argument("--out", default="anygpt_output", metavar="DIR", help="where speech, music and image replies go")
+    p.add_argument("--force-modality", action="store_true",
+                   help="a line's to_modality also starts the reply with that modality's start token")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override AnyGPT's per-modality maximum")
+    p.add_argument("--temperature", type=float, default=None, help="override (0 = greedy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anygpt-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eager", action="store_true",
                    help="no CUDA graphs: every op gets its own NVTX range (graph replays show one range)")
     p.set_defaults(func=_profile)
+
+    c = sub.add_parser("chat", help="interactive chat in the terminal (AnyGPT's chat prompts and line format)")
+    _add_chat_arguments(c)
+    c.set_defaults(func=_chat)
+
+    g = sub.add_parser("generate", help="one chat turn, for scripts")
+    g.add_argument("message", nargs="?", default=None,
+                   help="a message or a task|instruction|to_modality|... line; '-' reads it from stdin")
+    g.add_argument("--raw", action="store_true", help="send the message as the whole prompt, without the template")
+    g.add_argument("--prompt-ids", default=None, metavar="IDS",
+                   help="a prompt as token ids (space or comma separated); prints the generated ids (no tokenizer)")
+    g.add_argument("--json", action="store_true", help="print the reply as one JSON object")
+    _add_chat_arguments(g)
+    g.set_defaults(func=_generate)
     return parser
 
 

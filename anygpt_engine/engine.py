@@ -33,6 +33,7 @@ from anygpt_engine.runtime.graphs import DecodeGraphs, DecodeInputs, buckets
 from anygpt_engine.runtime.kv_cache import BlockManager, PagedKVCache
 from anygpt_engine.runtime.scheduler import PrefillChunk, Request, Scheduler
 from anygpt_engine.sampling import ModalityConstraint, SamplerWork, SamplingParams, SamplingState, sample
+from anygpt_engine.tokenizer import Tokenizer
 from anygpt_engine.vocab import Vocabulary, token_ids
 from anygpt_engine.weights import load_into
 
@@ -86,7 +87,8 @@ class Engine:
     """
 
     def __init__(self, model: str | os.PathLike | ModelConfig = "tiny", weights=None, device=None, dtype=None, *,
-                 vocab: Vocabulary | None = None, constrain_modalities: bool = True, seed: int = 0,
+                 vocab: Vocabulary | None = None, tokenizer: Tokenizer | str | os.PathLike | None = None,
+                 constrain_modalities: bool = True, seed: int = 0,
                  block_size: int = 16, num_blocks: int | None = None, kv_cache_memory_fraction: float = 0.4,
                  max_batch_size: int = 32, max_num_batched_tokens: int = 4096, enable_prefix_caching: bool = True,
                  cuda_graphs: bool | None = None):
@@ -124,8 +126,11 @@ class Engine:
             load_into(self.model, config, source)
         self.model.eval()
 
+        # Text prompts: the checkpoint's tokenizer, or one given (a preset has none by default).
+        self.tokenizer = tokenizer = Tokenizer.for_model(tokenizer, checkpoint, config.vocab_size)
+
         if vocab is None:
-            vocab = self._default_vocab(checkpoint)
+            vocab = self._default_vocab(checkpoint or (tokenizer.path if tokenizer is not None else None))
         if vocab.size > config.vocab_size:
             raise ValueError(f"vocab has {vocab.size} ids but the model's vocab_size is {config.vocab_size}")
         self.vocab = vocab
@@ -186,6 +191,11 @@ class Engine:
 
     # -- inputs --------------------------------------------------------------------------------
     def _prompt(self, name: str, ids) -> list[int]:
+        if isinstance(ids, str):
+            if self.tokenizer is None:
+                raise TypeError(f"{name} is a string but this engine has no tokenizer; pass token ids, or build it "
+                                "from a checkpoint directory with tokenizer files or with Engine(..., tokenizer=DIR)")
+            ids = self.tokenizer.encode(ids)
         prompt = token_ids(name, ids, self.config.vocab_size)
         if len(prompt) >= self.config.max_seq_len:
             raise ValueError(f"{name} has {len(prompt)} tokens; the context holds {self.config.max_seq_len}, "

@@ -26,6 +26,21 @@ MUSIC_CODEBOOKS = 4
 MUSIC_CODEBOOK_SIZE = 2048
 
 
+def value_token(modality: str, value: int) -> str:
+    """AnyGPT's spelling of a modality value token, e.g. value_token("speech", 12) == "<🗣️12>"."""
+    return f"<{_PREFIX[modality]}{value}>"
+
+
+def start_token_text(modality: str) -> str:
+    """The start token's spelling: <soim>, <sosp>, <somu> or <soau>."""
+    return f"<so{_MARK[modality]}>"
+
+
+def end_token_text(modality: str) -> str:
+    """The end token's spelling: <eoim>, <eosp>, <eomu> or <eoau>."""
+    return f"<eo{_MARK[modality]}>"
+
+
 @dataclass(frozen=True)
 class ModalitySpan:
     first_value: int  # token id of value 0

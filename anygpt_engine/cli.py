@@ -58,7 +58,8 @@ def _chat_setup(args):
     engine = Engine(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, seed=args.seed,
                     max_batch_size=8)
     options = MediaOptions(out_dir=Path(args.out), speech_tokenizer=tuple(args.speech_tokenizer or ()) or None,
-                           soundstorm=args.soundstorm, music_codec=args.music_codec, voice_prompt=args.voice_prompt)
+                           soundstorm=args.soundstorm, music_codec=args.music_codec, voice_prompt=args.voice_prompt,
+                           device=args.device)
     if engine.tokenizer is None:
         return engine, None
     chat = Chat(engine, args.template, system=args.system)

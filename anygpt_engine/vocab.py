@@ -152,6 +152,10 @@ class Vocabulary:
     def decode_speech(self, ids):
         return self._decode("speech", ids)
 
+    def values(self, modality: str, ids):
+        """The value numbers of a modality's value-token ids (<🎶4100> -> 4100); other ids raise."""
+        return self._decode(modality, ids)
+
     def encode_image(self, codes):
         """SEED codes (0..8191) -> token ids."""
         return self._encode("image", codes)

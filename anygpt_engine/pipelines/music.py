@@ -13,8 +13,8 @@ import torch
 
 from anygpt_engine.codecs.audio import as_batch
 from anygpt_engine.codecs.base import RVQCodec
-from anygpt_engine.codecs.tokens import music_codes, music_tokens
-from anygpt_engine.vocab import MUSIC_CODEBOOKS, Vocabulary
+from anygpt_engine.codecs.tokens import music_tokens
+from anygpt_engine.vocab import MUSIC_CODEBOOK_SIZE, MUSIC_CODEBOOKS, Vocabulary
 
 CHAT_PROMPT_SECONDS = 5.0  # AnyGPT's chat keeps the first 5 s of input music; its base model 20 s
 
@@ -32,6 +32,11 @@ class MusicPipeline:
                       max_seconds: float | None = CHAT_PROMPT_SECONDS) -> list[int]:
         """`<somu>` + frame-major ids + `<eomu>` of one clip ([samples] or [channels, samples]),
         cut to its first max_seconds (None keeps it all)."""
+        return music_tokens(self.prompt_codes(wav, sample_rate, max_seconds), self.vocab, markers=True).tolist()
+
+    def prompt_codes(self, wav: torch.Tensor, sample_rate: int,
+                     max_seconds: float | None = CHAT_PROMPT_SECONDS) -> torch.Tensor:
+        """EnCodec codes [4, T] of one clip, cut to its first max_seconds (None keeps it all)."""
         if isinstance(wav, torch.Tensor) and wav.dim() == 2:
             wav = wav.unsqueeze(0)
         wav = as_batch("wav", wav)
@@ -41,22 +46,25 @@ class MusicPipeline:
             if not max_seconds > 0:
                 raise ValueError(f"max_seconds={max_seconds!r}, expected > 0 or None")
             wav = wav[:, :max(1, int(max_seconds * sample_rate))]
-        codes = self.codec.encode(wav, sample_rate, levels=MUSIC_CODEBOOKS)[0]
-        return music_tokens(codes, self.vocab, markers=True).tolist()
+        return self.codec.encode(wav, sample_rate, levels=MUSIC_CODEBOOKS)[0]
 
     def codes(self, ids) -> torch.Tensor:
-        """EnCodec codes [4, T] of a reply's music ids (`<somu>`/`<eomu>` allowed). A reply cut off
-        mid-frame (max_new_tokens) loses its incomplete last frame; any other token raises."""
+        """EnCodec codes [4, T] of a reply's music ids (`<somu>`/`<eomu>` allowed), decoded as
+        AnyGPT decodes them: a value's position in its 4-token frame is its level and its code is
+        the value mod 2048 (a well-formed reply gives exactly Vocabulary.decode_music's codes); a
+        reply cut off mid-frame (max_new_tokens) loses its incomplete last frame. Ids that are not
+        music values raise."""
         ids = torch.as_tensor(ids).reshape(-1)
         start, end = self.vocab.start_token("music"), self.vocab.end_token("music")
         if ids.numel() and ids[0] == start:
             ids = ids[1:]
         if ids.numel() and ids[-1] == end:
             ids = ids[:-1]
-        ids = ids[:ids.numel() - ids.numel() % MUSIC_CODEBOOKS]
-        if ids.numel() == 0:
+        values = self.vocab.values("music", ids)
+        values = values[:values.numel() - values.numel() % MUSIC_CODEBOOKS]
+        if values.numel() == 0:
             raise ValueError("the music reply holds no complete frame of music tokens")
-        return music_codes(ids, self.vocab)
+        return (values % MUSIC_CODEBOOK_SIZE).view(-1, MUSIC_CODEBOOKS).T.contiguous()
 
     def synthesize(self, ids) -> torch.Tensor:
         """float32 wav [samples] at the codec's sample_rate of one reply's music ids."""

@@ -56,7 +56,7 @@ def default_device() -> torch.device:
 @dataclass
 class RequestOutput:
     request_id: object
-    new_token_ids: list[int]  # this step's tokens (one, or none for an abort; beam search: the best sequence at its end)
+    new_token_ids: list[int]  # this step's tokens (one; none for an abort; a beam search's best sequence at its end)
     finished: bool
     finish_reason: str | None  # "stop" (a stop token), "length" (max_new_tokens or context), "abort"
 
@@ -400,12 +400,15 @@ class Engine:
             return finished, self.model.logits(h[0, torch.tensor(last, device=device)])
 
     def _decode_forward(self, inputs: DecodeInputs,
-                        work: SamplerWork = SamplerWork.ALL) -> tuple[torch.Tensor, torch.Tensor]:
+                        work: SamplerWork | None = SamplerWork.ALL) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Embedding through sampling for one token per row: device work only (graph-safe).
-        Returns the sampled ids and the float32 logits (beam search reads its rows')."""
+        Returns the sampled ids and the float32 logits (beam search reads its rows'); work
+        None skips the sampler (an eager step whose rows are all beams)."""
         x = self.model(inputs.tokens.unsqueeze(1), inputs.positions.unsqueeze(1), self.kv_cache.layers,
                        inputs.slot_mapping.unsqueeze(1), inputs.block_tables, final_norm=False)
         logits = self.model.head(x[:, -1], inputs.head_rows)
+        if work is None:
+            return None, logits
         with nvtx_range("anygpt/sample"):
             return sample(logits, inputs.slots, self.sampling_state, self.constraint, work), logits
 
@@ -434,9 +437,9 @@ class Engine:
                 tokens, logits = self.graphs.run(host)
             else:
                 device_inputs = DecodeInputs(**{k: v.to(self.device) for k, v in vars(host).items()})
-                work = SamplerWork.for_params([r.params for r in requests if r.beams is None])
-                tokens, logits = self._decode_forward(device_inputs, work)
-            ids = tokens.tolist()
+                plain = [r.params for r in requests if r.beams is None]
+                tokens, logits = self._decode_forward(device_inputs, SamplerWork.for_params(plain) if plain else None)
+            ids = tokens.tolist() if tokens is not None else []
         for request in requests:
             request.num_computed += request.beams is None
         for seq_id, tokens, _ in rows:

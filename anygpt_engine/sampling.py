@@ -209,14 +209,14 @@ class SamplingState:
         return SamplingTensors(**{name: getattr(self, name)[slots] for name, _ in self._FIELDS},
                                stop_mask=self.stop_mask[slots], seen=self.seen[slots])
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Slot dst[i] takes everything slot src[i] holds (sources are read before any write,
-        so dst and src may overlap): how a new beam inherits its parent's state."""
-        for name, _ in self._FIELDS:
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, fields: tuple[str, ...] | None = None) -> None:
+        """Slot dst[i] takes what slot src[i] holds (sources are read before any write, so dst
+        and src may overlap): how a new beam inherits its parent's state. fields: the names to
+        copy (default: parameters, stop mask and state, everything)."""
+        names = fields if fields is not None else [name for name, _ in self._FIELDS] + ["stop_mask", "seen"]
+        for name in names:
             field = getattr(self, name)
-            field[dst] = field[src]
-        self.stop_mask[dst] = self.stop_mask[src]
-        self.seen[dst] = self.seen[src]
+            field.index_copy_(0, dst, field.index_select(0, src))
 
     def append(self, slots: torch.Tensor, tokens: torch.Tensor, constraint: "ModalityConstraint") -> None:
         """Records tokens [B] chosen outside the sampler (beam search) as sample_tokens records

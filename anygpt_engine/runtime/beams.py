@@ -209,23 +209,31 @@ class BeamSearch:
             SamplerWork.for_params([g.request.params for g in groups]))
         scores, keys, ids = scores.tolist(), keys.tolist(), ids.tolist()
 
-        finished, src, dst, tokens = [], [], [], []
+        finished, moves, appended = [], {}, ([], [])
         start = 0
         for group in groups:
             end = start + len(group.beams)
+            started = group.started
             children = group.select(scores[start:end], keys[start:end], ids[start:end])
             start = end
             if group.done:
                 finished.append(group)
                 continue
             self._reorder(group, children)
+            # A new group's beams take all of the prompt's slot; later, beams differ only in
+            # their state (seen tokens only matter to a repetition penalty).
+            fields = (("generated", "open_modality") + ("seen",) * (group.request.params.repetition_penalty != 1)
+                      if started else None)
+            src, dst = moves.setdefault(fields, ([], []))
             src += [group.slot(c.row) for c in children]
             dst += [group.slot(i) for i in range(len(children))]
-            tokens += [c.token for c in children]
-        if dst:
-            dst_t = torch.tensor(dst, device=device)
-            self.state.copy(dst_t, torch.tensor(src, device=device))
-            self.state.append(dst_t, torch.tensor(tokens, device=device), self.constraint)
+            appended[0].extend(dst[-len(children):])
+            appended[1].extend(c.token for c in children)
+        for fields, (src, dst) in moves.items():
+            self.state.copy(torch.tensor(dst, device=device), torch.tensor(src, device=device), fields)
+        if appended[0]:
+            self.state.append(torch.tensor(appended[0], device=device), torch.tensor(appended[1], device=device),
+                              self.constraint)
         return finished
 
     def _reorder(self, group: BeamGroup, children: list[Candidate]) -> None:

@@ -58,7 +58,7 @@ class PagedKVCache:
         src = torch.tensor([s for s, _ in pairs], device=device)
         dst = torch.tensor([d for _, d in pairs], device=device)
         for layer in self.layers:
-            layer[:, dst] = layer[:, src]
+            layer.index_copy_(1, dst, layer.index_select(1, src))
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

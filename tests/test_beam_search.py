@@ -153,6 +153,44 @@ def test_one_beam_sample_draw_follows_transformers_multinomial():
     assert df >= 10 and chi2 < threshold, (chi2, df, theirs.most_common(5), ours.most_common(5))
 
 
+@pytest.mark.parametrize("stops", [(), (2,), (2, 5, 6)])
+def test_beam_sample_warpers_keep_what_transformers_keeps(stops):
+    """For beams transformers' top-k and top-p keep max(2, 1 + number of eos tokens) tokens
+    (min_tokens_to_keep): the candidates with a finite score are the tokens its warpers keep."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    from anygpt_engine.runtime.beams import beam_candidates, min_tokens_to_keep
+    from anygpt_engine.sampling import ModalityConstraint, SamplingState
+    from anygpt_engine.vocab import Vocabulary
+
+    vocab, keep = 12, min_tokens_to_keep(len(stops))
+    assert keep == (len(stops) + 1 if stops else 2)  # generation/utils.py, _get_logits_processor
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(1)) * 3
+    state = SamplingState(4, vocab, torch.device("cpu"))
+    cases = [dict(top_k=1), dict(top_k=3), dict(top_p=0.05), dict(top_k=2, top_p=0.3)]
+    for slot, warp in enumerate(cases):
+        state.assign(slot, SamplingParams(temperature=0.8, num_beams=2, stop_token_ids=stops, **warp), slot, [],
+                     stops, 0)
+    scores, _, ids = beam_candidates(logits, torch.arange(4), torch.zeros(4, dtype=torch.int64), torch.zeros(4),
+                                     state, ModalityConstraint.build(Vocabulary.text_only(vocab), torch.device("cpu")),
+                                     vocab, torch.full((4,), keep))
+    for row, warp in enumerate(cases):
+        expected = torch.log_softmax(logits[row:row + 1], dim=1) / 0.8
+        if "top_k" in warp:
+            expected = TopKLogitsWarper(warp["top_k"], min_tokens_to_keep=keep)(None, expected)
+        if "top_p" in warp:
+            expected = TopPLogitsWarper(warp["top_p"], min_tokens_to_keep=keep)(None, expected)
+        kept = set(ids[row][scores[row] > -math.inf].tolist())
+        assert kept == set(torch.nonzero(expected[0] > -math.inf).flatten().tolist()), (warp, kept)
+        assert len(kept) >= keep
+
+
+def test_beams_stop_at_the_context_limit():
+    small = Engine(ModelConfig.preset("tiny").replace(vocab_size=512, max_seq_len=16, name="short"), device="cpu")
+    outs = small.generate([[1] * 10, [1, 2]], SamplingParams.greedy(50, num_beams=3, stop_token_ids=()))
+    assert [len(o) for o in outs] == [6, 14]
+
+
 # -- in the serving engine (the tiny preset with a small vocabulary: CPU time goes to the model) -------
 TINY = ModelConfig.preset("tiny").replace(vocab_size=512, name="tiny-512")
 BEAMS = SamplingParams(temperature=0.0, num_beams=4, max_new_tokens=20, stop_token_ids=())

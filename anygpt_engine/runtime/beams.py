@@ -9,7 +9,7 @@ next beams:
 
   device  per beam row: log_softmax of the logits, transformers' processors on the log-probs
           (repetition penalty, modality and min_new_tokens masks), for beam-sample its warpers
-          (temperature, top-k, top-p, keeping n_stops + 1 tokens), plus the beam's running
+          (temperature, top-k, top-p, keeping max(2, n_stops + 1) tokens), plus the beam's running
           score; the row's top K (K = max(2, 1 + n_stops) * N) by that score, or, sampling, by
           that score plus Gumbel noise. Only [rows, K] values come back to the host.
   host    transformers' step (generation/utils.py `_beam_search`, 5.x) on those candidates: the
@@ -76,6 +76,12 @@ def beam_candidates(logits: torch.Tensor, slots: torch.Tensor, beam_index: torch
         keys = torch.where(sampling, scores - torch.log(-torch.log(noise)), scores)
     top_keys, ids = keys.topk(min(k, keys.shape[1]), dim=1)
     return scores.gather(1, ids), top_keys, ids
+
+
+def min_tokens_to_keep(num_stops: int) -> int:
+    """Tokens beam-sample's top-k and top-p always keep (transformers' rule for beams: one more
+    than the eos tokens, at least 2), so unfinished continuations survive the warpers."""
+    return max(2, num_stops + 1)
 
 
 @dataclass(frozen=True)
@@ -197,7 +203,7 @@ class BeamSearch:
             if not group.started:  # the prompt's state (again, after a preemption)
                 r = group.request
                 self.state.assign(r.slot, r.params, r.seed, r.prompt, tuple(r.stop_ids), r.modality)
-            keep = len(group.request.stop_ids) + 1
+            keep = min_tokens_to_keep(len(group.request.stop_ids))
             rows += [(group.slot(i), i, beam.score, keep) for i, beam in enumerate(group.beams)]
         if len(rows) != logits.shape[0]:
             raise ValueError(f"logits has {logits.shape[0]} rows, the groups' live beams {len(rows)}")

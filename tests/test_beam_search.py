@@ -3,7 +3,9 @@ random weights, and its life in the paged cache: shared blocks, copy-on-write of
 batching with ordinary requests, preemption, aborts, no leaks."""
 
 import collections
+import dataclasses
 import math
+import random
 
 import pytest
 import torch
@@ -316,6 +318,49 @@ def test_abort_frees_every_beam(alone):
     assert [t for o in log if o.request_id == keep for t in o.new_token_ids] == alone[2]
     stats = engine.stats()
     assert stats.used_blocks == 0 and stats.free_blocks + stats.cached_blocks == stats.total_blocks
+    assert sorted(engine.scheduler.free_slots) == list(range(8))
+
+
+def test_soak_beam_and_ordinary_requests_through_a_tight_pool():
+    """12 requests (beam search, beam-sample, ordinary) arriving over time through 12 blocks,
+    with random aborts: preemptions happen, every request that is not aborted ends with what it
+    generates alone, the invariants hold after every step and no block or slot leaks."""
+    rng = random.Random(0)
+    kinds = [SamplingParams.greedy(12, num_beams=3, stop_token_ids=()),
+             SamplingParams(temperature=1.0, top_k=30, num_beams=2, max_new_tokens=14, stop_token_ids=()),
+             SamplingParams(temperature=0.8, max_new_tokens=10, stop_token_ids=())]
+    requests = [([1] + [rng.randrange(3, 512) for _ in range(rng.randrange(1, 30))],
+                 dataclasses.replace(rng.choice(kinds), seed=i)) for i in range(12)]
+    roomy = Engine(TINY, device="cpu", max_batch_size=8)
+    expected = [roomy.generate([p], params)[0] for p, params in requests]
+    engine = Engine(TINY, device="cpu", max_batch_size=8, num_blocks=13)
+    pending, outputs, aborted, ids, preempted = list(requests), collections.defaultdict(list), set(), {}, set()
+    schedule = engine.scheduler.schedule
+
+    def spy():
+        plan = schedule()
+        preempted.update(r.request_id for r in plan.preempted)
+        return plan
+
+    engine.scheduler.schedule = spy
+    while pending or engine.has_unfinished():
+        if pending and rng.random() < 0.7:
+            prompt, params = pending.pop(0)
+            ids[engine.add_request(prompt, params)] = len(ids)
+        for out in engine.step():
+            outputs[out.request_id].extend(out.new_token_ids)
+        engine.scheduler.blocks.check()
+        live = list(engine._requests)
+        if live and rng.random() < 0.04:
+            victim = rng.choice(live)
+            engine.abort(victim)
+            aborted.add(victim)
+    assert aborted and any(requests[ids[rid]][1].num_beams > 1 for rid in preempted)
+    for rid, i in ids.items():
+        if rid not in aborted:
+            assert outputs[rid] == expected[i], i
+    stats = engine.stats()
+    assert stats.used_blocks == 0 and stats.free_blocks + stats.cached_blocks == 12
     assert sorted(engine.scheduler.free_slots) == list(range(8))
 
 

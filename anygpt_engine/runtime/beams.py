@@ -120,10 +120,13 @@ class BeamGroup:
         self.sampling = params.temperature > 0
         self._numbers = itertools.count()
         self.reset()
+        self.slot_at_prompt = True  # the engine assigns the first slot when it admits the request
 
     def reset(self) -> None:
         """Back to the prompt: its own block table is the one beam, no hypotheses (the
-        scheduler calls this when it preempts the request)."""
+        scheduler calls this when it preempts the request; its first slot then holds beam 0's
+        state, not the prompt's)."""
+        self.slot_at_prompt = False
         self.beams = [Beam(self.request.request_id, [], 0.0)]
         self.hypotheses: list[tuple[float, list[int]]] = []  # (score, tokens), best first, at most N
         self.steps = 0
@@ -200,7 +203,7 @@ class BeamSearch:
         device = logits.device
         rows = []  # (slot, beam index, running score, min_keep) per logits row
         for group in groups:
-            if not group.started:  # the prompt's state (again, after a preemption)
+            if not group.started and not group.slot_at_prompt:  # restarting after a preemption
                 r = group.request
                 self.state.assign(r.slot, r.params, r.seed, r.prompt, tuple(r.stop_ids), r.modality)
             keep = min_tokens_to_keep(len(group.request.stop_ids))

@@ -137,6 +137,9 @@ class BeamGroup:
     def started(self) -> bool:
         return self.steps > 0
 
+    def new_seq_id(self) -> BeamSeqId:
+        return BeamSeqId(self.request.request_id, next(self._numbers))
+
     def slot(self, i: int) -> int:
         return self.request.slot if i == 0 else self.request.extra_slots[i - 1]
 
@@ -252,7 +255,7 @@ class BeamSearch:
         for c in children:
             parent = old[c.row]
             if c.row in kept:
-                seq_id = BeamSeqId(group.request.request_id, next(group._numbers))
+                seq_id = group.new_seq_id()
                 self.blocks.fork(parent.seq_id, seq_id)
             else:
                 seq_id = parent.seq_id

@@ -204,12 +204,12 @@ def run_reference(engine: Engine, prompts, new_tokens: int) -> dict:
             os.environ["ANYGPT_BACKEND"] = previous
 
 
-def run_hf(engine: Engine, prompts, new_tokens: int) -> dict:
-    """transformers' generate (eager, greedy) on the engine's weights, same shapes."""
+def hf_model(engine: Engine):
+    """transformers' LlamaForCausalLM holding the engine's weights, on its device and dtype."""
     try:
         import transformers
     except ImportError as err:
-        raise RuntimeError("--compare hf needs transformers (pip install 'anygpt-engine[hf]')") from err
+        raise RuntimeError("comparing with transformers needs it (pip install 'anygpt-engine[hf]')") from err
     from anygpt_engine.weights import hf_state_dict
 
     config = transformers.LlamaConfig(**engine.config.to_hf_dict())
@@ -218,6 +218,12 @@ def run_hf(engine: Engine, prompts, new_tokens: int) -> dict:
     missing, unexpected = model.load_state_dict(hf_state_dict(engine.model, engine.config), strict=False)
     if unexpected or any(not name.endswith("rotary_emb.inv_freq") for name in missing):
         raise RuntimeError(f"exporting to transformers failed: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def run_hf(engine: Engine, prompts, new_tokens: int) -> dict:
+    """transformers' generate (eager, greedy) on the engine's weights, same shapes."""
+    model = hf_model(engine)
     input_ids = torch.tensor(prompts, device=engine.device)
     kwargs = dict(do_sample=False, top_k=None, top_p=None, temperature=None, pad_token_id=engine.config.pad_token_id,
                   attention_mask=torch.ones_like(input_ids))

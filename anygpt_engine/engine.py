@@ -29,6 +29,7 @@ import torch
 from anygpt_engine.config import ANYGPT_VOCAB_SIZE, PRESETS, ModelConfig
 from anygpt_engine.models.llama import Llama, PrefillRuns
 from anygpt_engine.profiling import nvtx_range
+from anygpt_engine.runtime.beams import BeamGroup, BeamSearch
 from anygpt_engine.runtime.graphs import DecodeGraphs, DecodeInputs, buckets
 from anygpt_engine.runtime.kv_cache import BlockManager, PagedKVCache
 from anygpt_engine.runtime.scheduler import PrefillChunk, Request, Scheduler
@@ -56,7 +57,7 @@ def default_device() -> torch.device:
 @dataclass
 class RequestOutput:
     request_id: object
-    new_token_ids: list[int]  # this step's tokens (one, or none for an abort)
+    new_token_ids: list[int]  # this step's tokens (one; none for an abort; a beam search's best sequence at its end)
     finished: bool
     finish_reason: str | None  # "stop" (a stop token), "length" (max_new_tokens or context), "abort"
 
@@ -150,9 +151,11 @@ class Engine:
         self.kv_cache = PagedKVCache(config, num_blocks, block_size, self.device, self.dtype)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_batch_size,
                                    max_num_batched_tokens)
-        # One sampling slot per schedulable request plus a scratch slot for padding rows.
+        # One sampling slot per schedulable row plus a scratch slot for padding and beam rows.
         self.scratch_slot = max_batch_size
         self.sampling_state = SamplingState(max_batch_size + 1, config.vocab_size, self.device)
+        self.sampling_state.assign(self.scratch_slot, SamplingParams.greedy(), 0, [], (), 0)
+        self.beam_search = BeamSearch(self.scheduler.blocks, self.sampling_state, self.constraint)
 
         self.graphs = None
         if cuda_graphs is None:
@@ -234,9 +237,15 @@ class Engine:
                 request_id = next(self._ids)
         elif request_id in self._requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
+        if params.num_beams > self.scheduler.max_batch_size:
+            raise ValueError(f"params.num_beams={params.num_beams}, but the engine decodes at most max_batch_size="
+                             f"{self.scheduler.max_batch_size} rows")
         max_new = min(params.max_new_tokens, self.config.max_seq_len - len(prompt))
         blocks = self.scheduler.blocks
         need = blocks.blocks_for(len(prompt) + max_new)
+        if params.num_beams > 1:  # beams share the prompt's full blocks; each may own all the rest
+            shared = len(prompt) // blocks.block_size
+            need = shared + params.num_beams * (need - shared)
         if need > blocks.usable_blocks:
             raise ValueError(f"request needs {need} KV blocks ({len(prompt)} prompt + {max_new} new tokens) but the "
                              f"cache has {blocks.usable_blocks}; lower max_new_tokens or give the engine more blocks")
@@ -244,6 +253,8 @@ class Engine:
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
         request = Request(request_id, prompt, params, seed, frozenset(stops), max_new, next(self._arrivals),
                           self.constraint.state_after(prompt))
+        if params.num_beams > 1:
+            request.width, request.beams = params.num_beams, BeamGroup(request, params)
         self._requests[request_id] = request
         self.scheduler.add(request)
         return request_id
@@ -280,17 +291,38 @@ class Engine:
             for request in schedule.new_slots:
                 self.sampling_state.assign(request.slot, request.params, request.seed, request.prompt,
                                            tuple(request.stop_ids), self.constraint.state_after(request.prompt))
+            self.kv_cache.copy_blocks(self.scheduler.blocks.take_copies())
             sampled: list[tuple[Request, int]] = []
+            beam_groups, beam_logits = [], []
             if schedule.decodes:
-                tokens = self._decode(schedule.decodes)
-                sampled += zip(schedule.decodes, tokens)
+                tokens, logits = self._decode(schedule.decodes)
+                row = 0
+                for request in schedule.decodes:
+                    rows = len(request.seq_ids)
+                    if request.beams is None:
+                        sampled.append((request, tokens[row]))
+                    else:
+                        beam_groups.append(request.beams)
+                        beam_logits.append(logits[row:row + rows])
+                    row += rows
             requests, last_logits = self._prefill(schedule.prefills)
-            if requests:
-                slots = torch.tensor([r.slot for r in requests], device=self.device)
+            plain = [i for i, r in enumerate(requests) if r.beams is None]
+            if plain:
+                slots = torch.tensor([requests[i].slot for i in plain], device=self.device)
                 with nvtx_range("anygpt/sample"):
-                    tokens = sample(last_logits, slots, self.sampling_state, self.constraint,
-                                    SamplerWork.for_params([r.params for r in requests]))
-                sampled += zip(requests, tokens.tolist())
+                    tokens = sample(last_logits[plain], slots, self.sampling_state, self.constraint,
+                                    SamplerWork.for_params([requests[i].params for i in plain]))
+                sampled += zip([requests[i] for i in plain], tokens.tolist())
+            for i, request in enumerate(requests):
+                if request.beams is not None:
+                    beam_groups.append(request.beams)
+                    beam_logits.append(last_logits[i:i + 1])
+            if beam_groups:
+                with nvtx_range("anygpt/beam_search"):
+                    for group in self.beam_search.advance(beam_groups, torch.cat(beam_logits)):
+                        tokens, reason = group.result()
+                        self._finish(group.request, reason)
+                        outputs.append(RequestOutput(group.request.request_id, tokens, True, reason))
             for request, token in sampled:
                 outputs.append(self._append(request, token))
             return outputs
@@ -377,42 +409,58 @@ class Engine:
                 return [], None
             return finished, self.model.logits(h[0, torch.tensor(last, device=device)])
 
-    def _decode_forward(self, inputs: DecodeInputs, work: SamplerWork = SamplerWork.ALL) -> torch.Tensor:
-        """Embedding through sampling for one token per row: device work only (graph-safe)."""
+    def _decode_forward(self, inputs: DecodeInputs,
+                        work: SamplerWork | None = SamplerWork.ALL) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Embedding through sampling for one token per row: device work only (graph-safe).
+        Returns the sampled ids and the float32 logits (beam search reads its rows'); work
+        None skips the sampler (an eager step whose rows are all beams)."""
         x = self.model(inputs.tokens.unsqueeze(1), inputs.positions.unsqueeze(1), self.kv_cache.layers,
                        inputs.slot_mapping.unsqueeze(1), inputs.block_tables, final_norm=False)
         logits = self.model.head(x[:, -1], inputs.head_rows)
+        if work is None:
+            return None, logits
         with nvtx_range("anygpt/sample"):
-            return sample(logits, inputs.slots, self.sampling_state, self.constraint, work)
+            return sample(logits, inputs.slots, self.sampling_state, self.constraint, work), logits
 
-    def _decode(self, requests: list[Request]) -> list[int]:
-        tables = [self.scheduler.blocks.tables[r.request_id].blocks for r in requests]
+    def _decode(self, requests: list[Request]) -> tuple[list[int], torch.Tensor]:
+        """One decode step of every sequence of `requests` (a beam search request has a row
+        per live beam, sampled into the scratch slot): the sampled ids and logits per row."""
+        rows = []  # (block-table key, tokens, sampling slot)
+        for r in requests:
+            if r.beams is None:
+                rows.append((r.request_id, r.tokens, r.slot))
+            else:
+                rows += [(seq_id, tokens, self.scratch_slot) for seq_id, tokens in r.beams.sequences()]
+        tables = [self.scheduler.blocks.tables[seq_id].blocks for seq_id, _, _ in rows]
         width = max(len(t) for t in tables)
-        positions = [len(r.tokens) - 1 for r in requests]
+        positions = [len(tokens) - 1 for _, tokens, _ in rows]
         host = DecodeInputs(
-            tokens=torch.tensor([r.tokens[-1] for r in requests]),
+            tokens=torch.tensor([tokens[-1] for _, tokens, _ in rows]),
             positions=torch.tensor(positions),
             slot_mapping=torch.tensor([self._slot_of(t, p) for t, p in zip(tables, positions)]),
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
-            slots=torch.tensor([r.slot for r in requests]),
+            slots=torch.tensor([slot for _, _, slot in rows]),
             head_rows=torch.tensor(self._head_rows(requests)),
         )
         with nvtx_range("anygpt/decode_step"):
             if self.graphs is not None:
-                tokens = self.graphs.run(host)
+                tokens, logits = self.graphs.run(host)
             else:
                 device_inputs = DecodeInputs(**{k: v.to(self.device) for k, v in vars(host).items()})
-                tokens = self._decode_forward(device_inputs, SamplerWork.for_params([r.params for r in requests]))
-            ids = tokens.tolist()
+                plain = [r.params for r in requests if r.beams is None]
+                tokens, logits = self._decode_forward(device_inputs, SamplerWork.for_params(plain) if plain else None)
+            ids = tokens.tolist() if tokens is not None else []
         for request in requests:
-            request.num_computed += 1
-            self.scheduler.blocks.commit(request.request_id, request.tokens)
-        return ids
+            request.num_computed += request.beams is None
+        for seq_id, tokens, _ in rows:
+            self.scheduler.blocks.commit(seq_id, tokens)
+        return ids, logits
 
     def _head_rows(self, requests: list[Request]) -> tuple[int, int]:
         """The LM head rows a decode batch needs: one open modality's span when every request is
-        inside the same one, else the whole vocabulary (the sampler masks what is illegal)."""
-        states = {r.modality for r in requests}
+        inside the same one, else the whole vocabulary (the sampler masks what is illegal; beam
+        search normalises its log-probs over the whole vocabulary)."""
+        states = {r.modality if r.beams is None else 0 for r in requests}
         rows = self.constraint.head_rows[states.pop()] if len(states) == 1 else self.constraint.head_rows[0]
         self.head_rows_read += rows[1] * len(requests)
         return rows

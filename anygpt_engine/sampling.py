@@ -20,8 +20,11 @@ import torch
 
 _ANYGPT_PRESETS = {
     # AnyGPT's config/*_generate_config.json (do_sample; transformers' default top_k=50 applies
-    # where the file sets none); min_new_tokens 10 throughout.
-    "text": dict(temperature=1.0, top_k=50, max_new_tokens=100),
+    # where the file sets none); min_new_tokens 10 throughout. "text" is the chat model's
+    # generate_config.json (beam-sample: do_sample with 5 beams), "text-base" the base model's
+    # text_generate_config.json.
+    "text": dict(temperature=1.0, top_k=50, top_p=1.0, num_beams=5, max_new_tokens=500),
+    "text-base": dict(temperature=1.0, top_k=50, max_new_tokens=100),
     "image": dict(temperature=1.0, top_k=50, max_new_tokens=200),
     "speech": dict(temperature=1.0, top_k=50, repetition_penalty=1.05, max_new_tokens=1500),
     "music": dict(temperature=1.0, top_k=200, repetition_penalty=1.15, max_new_tokens=2000),
@@ -35,6 +38,13 @@ class SamplingParams:
     stop_token_ids None means the model's eos; an empty tuple means never stop early.
     A sampled stop token ends the request and is included in its output (as transformers does).
     seed None draws a fresh seed when the request starts.
+
+    num_beams > 1 is beam search (runtime/beams.py), transformers' semantics: temperature 0 is
+    generate(num_beams=N, do_sample=False), temperature > 0 beam-sample (do_sample=True, with
+    temperature, top_k and top_p as warpers). length_penalty divides a finished sequence's summed
+    log-probabilities by its generated length ** length_penalty; early_stopping is True (stop
+    once num_beams sequences finished), False (stop when no running beam can beat them at its
+    current length) or "never" (at the best length a positive penalty allows).
     """
 
     temperature: float = 1.0
@@ -45,6 +55,9 @@ class SamplingParams:
     max_new_tokens: int = 128
     stop_token_ids: tuple[int, ...] | None = None
     seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
 
     def __post_init__(self):
         def number(name):
@@ -59,7 +72,11 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_p={self.top_p}, expected 0 < top_p <= 1")
         if not 0 < number("repetition_penalty") < math.inf:
             raise ValueError(f"SamplingParams.repetition_penalty={self.repetition_penalty}, expected > 0 (1 = off)")
-        for name, low in (("top_k", 0), ("min_new_tokens", 0), ("max_new_tokens", 1)):
+        if not -math.inf < number("length_penalty") < math.inf:
+            raise ValueError(f"SamplingParams.length_penalty={self.length_penalty}, expected a finite number")
+        if self.early_stopping not in (True, False, "never") or not isinstance(self.early_stopping, (bool, str)):
+            raise ValueError(f"SamplingParams.early_stopping={self.early_stopping!r}, expected True, False or 'never'")
+        for name, low in (("top_k", 0), ("min_new_tokens", 0), ("max_new_tokens", 1), ("num_beams", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"SamplingParams.{name}={value!r}, expected an int >= {low}")
@@ -77,7 +94,8 @@ class SamplingParams:
 
     @classmethod
     def anygpt(cls, modality: str, **overrides) -> "SamplingParams":
-        """AnyGPT's own generation config for 'text', 'image', 'speech' or 'music'."""
+        """AnyGPT's own generation config for 'text' (the chat model: beam-sample, 5 beams),
+        'text-base' (the base model's text config), 'image', 'speech' or 'music'."""
         try:
             preset = _ANYGPT_PRESETS[modality]
         except KeyError:
@@ -184,11 +202,28 @@ class SamplingState:
         if stop_ids:
             self.stop_mask[slot, torch.tensor(stop_ids, device=device)] = True
         self.seen[slot] = False
-        self.seen[slot, torch.tensor(prompt, device=device)] = True
+        if prompt:
+            self.seen[slot, torch.tensor(prompt, device=device)] = True
 
     def rows(self, slots: torch.Tensor) -> SamplingTensors:
         return SamplingTensors(**{name: getattr(self, name)[slots] for name, _ in self._FIELDS},
                                stop_mask=self.stop_mask[slots], seen=self.seen[slots])
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, fields: tuple[str, ...] | None = None) -> None:
+        """Slot dst[i] takes what slot src[i] holds (sources are read before any write, so dst
+        and src may overlap): how a new beam inherits its parent's state. fields: the names to
+        copy (default: parameters, stop mask and state, everything)."""
+        names = fields if fields is not None else [name for name, _ in self._FIELDS] + ["stop_mask", "seen"]
+        for name in names:
+            field = getattr(self, name)
+            field.index_copy_(0, dst, field.index_select(0, src))
+
+    def append(self, slots: torch.Tensor, tokens: torch.Tensor, constraint: "ModalityConstraint") -> None:
+        """Records tokens [B] chosen outside the sampler (beam search) as sample_tokens records
+        the ones it draws: seen, open modality, generated count."""
+        self.seen[slots, tokens] = True
+        self.open_modality[slots] = constraint.advance(self.open_modality[slots], tokens)
+        self.generated[slots] += 1
 
 
 @dataclass
@@ -250,8 +285,11 @@ def process_logits(logits: torch.Tensor, st: SamplingTensors, constraint: Modali
     return logits.masked_fill(illegal, -math.inf)
 
 
-def warp_logits(logits: torch.Tensor, st: SamplingTensors, work: SamplerWork = SamplerWork.ALL) -> torch.Tensor:
-    """Temperature, top-k, top-p (transformers' warpers, with their tie and keep-one rules)."""
+def warp_logits(logits: torch.Tensor, st: SamplingTensors, work: SamplerWork = SamplerWork.ALL,
+                min_keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Temperature, top-k, top-p (transformers' warpers, with their tie and keep-one rules).
+    min_keep [B] (default 1): tokens top-k and top-p always keep, transformers'
+    min_tokens_to_keep (its beam-sample keeps one more than the number of eos tokens)."""
     greedy = st.temperature == 0
     temperature = torch.where(greedy, torch.ones_like(st.temperature), st.temperature)
     scores = logits / temperature.unsqueeze(1)
@@ -259,14 +297,20 @@ def warp_logits(logits: torch.Tensor, st: SamplingTensors, work: SamplerWork = S
     if work.top_k:
         # Keep every token >= the k-th largest (ties included), as TopKLogitsWarper does.
         k = torch.where(st.top_k > 0, st.top_k.clamp(max=vocab), torch.full_like(st.top_k, vocab))
+        if min_keep is not None:
+            k = torch.maximum(k, min_keep).clamp(max=vocab)
         kth = scores.sort(dim=1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
         scores = scores.masked_fill(scores < kth, -math.inf)
     if work.top_p:
-        # Drop the low tail whose cumulative probability is <= 1 - top_p; keep at least one.
+        # Drop the low tail whose cumulative probability is <= 1 - top_p; keep at least min_keep.
         ascending, order = scores.sort(dim=1)
         cumulative = ascending.softmax(dim=1).cumsum(dim=1)
         drop_sorted = cumulative <= (1 - st.top_p).unsqueeze(1)
-        drop_sorted[:, -1] = False
+        if min_keep is None:
+            drop_sorted[:, -1] = False
+        else:
+            position = torch.arange(vocab, device=scores.device)
+            drop_sorted &= position.unsqueeze(0) < vocab - min_keep.unsqueeze(1)
         scores = scores.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), -math.inf)
     return scores
 

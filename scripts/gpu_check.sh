@@ -8,8 +8,10 @@
 #   bash scripts/gpu_check.sh OUT_DIR kernels  # the op families' GPU tests, sanitizer and benchmarks
 #   bash scripts/gpu_check.sh OUT_DIR attention-rvq  # only what the attention and RVQ targets need
 #                                              # (their GPU tests, sanitizer, tuned benchmarks): ~8 min
+#   bash scripts/gpu_check.sh OUT_DIR beam     # beam search: its GPU test, then bench_beam.py at
+#                                              # anygpt-7b (5 beams, greedy and beam-sample): ~5 min
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUT_DIR [core|kernels]}
+out=${1:?usage: scripts/gpu_check.sh OUT_DIR [core|kernels|attention-rvq|beam]}
 mode=${2:-core}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -53,6 +55,7 @@ case "$mode" in
       name=$(basename "$bench" .py)
       limit=40 extra=()
       case "$name" in
+        bench_beam) continue ;;  # end to end at 7B, in its own mode
         bench_soundstorm) limit=80 ;;
         bench_attention) limit=150 extra=(--write-tuning) ;;
         bench_rvq) limit=120 extra=(--write-tuning --sizes 2000 32000) ;;
@@ -69,7 +72,12 @@ case "$mode" in
     step bench_rvq 120 python benchmarks/bench_rvq.py --json "$out/bench_rvq.json" --write-tuning --sizes 2000 32000
     mkdir -p "$out/tuning" && cp anygpt_engine/tuning/*.json "$out/tuning/"
     ;;
-  *) echo "unknown mode $mode (core, kernels or attention-rvq)"; exit 2 ;;
+  beam)
+    step pytest_beam 120 "${pytest_gpu[@]}" tests/test_beam_search.py
+    step bench_beam 240 python benchmarks/bench_beam.py --json "$out/bench_beam.json"
+    step bench_beam_sample 240 python benchmarks/bench_beam.py --sample --json "$out/bench_beam_sample.json"
+    ;;
+  *) echo "unknown mode $mode (core, kernels, attention-rvq or beam)"; exit 2 ;;
 esac
 
 python - "$out" <<'PY'

@@ -232,3 +232,145 @@ def test_soak_random_requests_through_a_small_pool():
     assert blocks.num_used() == 0 and not blocks.tables
     assert sorted(sched.free_slots) == list(range(8))
     assert sched.num_preemptions > 0 and blocks.hit_tokens > 0  # both paths were exercised
+
+
+class ForkingPoolMachine(RuleBasedStateMachine):
+    """Sequences are admitted, forked (beam search), grown alone or several at once, and freed,
+    over a small pool with a tiny alphabet; a model of the cache's contents runs the queued
+    copies-on-write and the token writes, so every live sequence must read its own tokens back
+    through its table (a missing or misdirected copy, or a write into a shared block, shows)."""
+
+    def __init__(self):
+        super().__init__()
+        self.manager = BlockManager(num_blocks=20, block_size=BS)
+        self.tokens: dict[int, list[int]] = {}
+        self.content: dict[int, list] = {}  # block -> the token each slot holds
+        self.next_id = 0
+
+    def _write(self, seq, start):
+        table = self.manager.tables[seq].blocks
+        for p in range(start, len(self.tokens[seq])):
+            self.content.setdefault(table[p // BS], [None] * BS)[p % BS] = self.tokens[seq][p]
+
+    def _run_copies(self):
+        for src, dst in self.manager.take_copies():
+            self.content[dst] = list(self.content[src])
+
+    @rule(prompt=st.lists(st.integers(0, 2), min_size=1, max_size=14))
+    def admit(self, prompt):
+        cached = len(self.manager.match_prefix(prompt)) * BS
+        if not self.manager.can_admit(prompt, len(prompt) - cached):
+            return
+        assert self.manager.admit(self.next_id, prompt) == cached
+        self.manager.grow(self.next_id, len(prompt) - cached)
+        self.tokens[self.next_id] = list(prompt)
+        self._run_copies()
+        self._write(self.next_id, cached)
+        self.manager.commit(self.next_id, prompt)
+        self.next_id += 1
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def fork(self, data):
+        parent = data.draw(st.sampled_from(sorted(self.tokens)))
+        self.manager.fork(parent, self.next_id)
+        self.tokens[self.next_id] = list(self.tokens[parent])
+        self.next_id += 1
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def decode_together(self, data):
+        seqs = data.draw(st.lists(st.sampled_from(sorted(self.tokens)), min_size=1, max_size=4, unique=True))
+        need = self.manager.blocks_needed(seqs, 1)
+        available = self.manager.num_available()
+        if need > available:
+            return
+        for seq in seqs:
+            self.manager.grow(seq, 1)
+        assert available - self.manager.num_available() == need  # the accounting is exact
+        self._run_copies()
+        for seq in seqs:
+            self.tokens[seq].append(data.draw(st.integers(0, 2)))
+            self._write(seq, len(self.tokens[seq]) - 1)
+            self.manager.commit(seq, self.tokens[seq])
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def finish(self, data):
+        seq = data.draw(st.sampled_from(sorted(self.tokens)))
+        self.manager.free(seq)
+        del self.tokens[seq]
+
+    @invariant()
+    def invariants_hold(self):
+        self.manager.check()
+
+    @invariant()
+    def every_sequence_reads_its_tokens(self):
+        for seq, tokens in self.tokens.items():
+            table = self.manager.tables[seq]
+            assert table.num_tokens == len(tokens)
+            assert [self.content[table.blocks[p // BS]][p % BS] for p in range(len(tokens))] == tokens
+
+    def teardown(self):
+        for seq in list(self.tokens):
+            self.manager.free(seq)
+        self.manager.check()
+        assert self.manager.num_used() == 0
+
+
+TestForkingPool = ForkingPoolMachine.TestCase
+TestForkingPool.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
+
+
+def test_fork_shares_every_block_and_copies_only_a_shared_partial_tail():
+    m = BlockManager(num_blocks=16, block_size=BS)
+    tokens = list(range(10))  # blocks 1, 2 full; block 3 holds 2 tokens
+    m.admit("a", tokens)
+    m.grow("a", 10)
+    m.commit("a", tokens)
+    m.fork("a", "b")
+    m.fork("a", "c")
+    assert m.tables["b"].blocks == m.tables["c"].blocks == m.tables["a"].blocks
+    assert m.num_used() == 3 and m.take_copies() == []
+    with pytest.raises(ValueError, match="sequence 'b' already holds blocks"):
+        m.fork("a", "b")
+    # Three holders of the partial block all grow: two copies, the last keeps the original.
+    assert m.blocks_needed(["a", "b", "c"], 1) == 2
+    tail = m.tables["a"].blocks[2]
+    for seq in ("a", "b", "c"):
+        m.grow(seq, 1)
+    copies = m.take_copies()
+    assert [src for src, _ in copies] == [tail, tail] and m.tables["c"].blocks[2] == tail
+    assert {dst for _, dst in copies} == {m.tables["a"].blocks[2], m.tables["b"].blocks[2]}
+    assert m.tables["a"].blocks[:2] == m.tables["b"].blocks[:2] == m.tables["c"].blocks[:2]
+    m.check()
+    # With an outside holder left, one growing sequence copies too: position 11 goes into a
+    # copy of a's block 3, position 12 into a new block.
+    m.fork("a", "d")
+    assert m.blocks_needed(["a"], 1) == 1 and m.blocks_needed(["a"], 2) == 2
+    m.grow("a", 2)
+    assert len(m.take_copies()) == 1 and m.num_used() == 7
+    # A full last block is never copied: the next token starts a new block.
+    m.grow("d", 5)  # d: 16 tokens, its block 3 now a private copy
+    m.take_copies()
+    m.fork("d", "e")
+    assert m.blocks_needed(["d", "e"], 1) == 2
+    m.grow("d", 1)
+    m.grow("e", 1)
+    assert m.take_copies() == [] and m.tables["d"].blocks[:4] == m.tables["e"].blocks[:4]
+    for seq in "abcde":
+        m.free(seq)
+    m.check()
+    assert m.num_used() == 0
+
+
+def test_a_freed_copy_target_leaves_no_copy_behind():
+    m = BlockManager(num_blocks=8, block_size=BS)
+    m.admit("a", [1, 2])
+    m.grow("a", 2)
+    m.fork("a", "b")
+    m.grow("b", 1)
+    m.free("b")  # preempted before the step ran: its private copy is gone, so is the copy
+    assert m.take_copies() == []
+    m.check()

@@ -54,7 +54,7 @@ def test_anygpt_presets():
     music = SamplingParams.anygpt("music")
     assert (music.top_k, music.repetition_penalty, music.max_new_tokens) == (200, 1.15, 2000)
     assert SamplingParams.anygpt("image").max_new_tokens == 200
-    assert SamplingParams.anygpt("text", max_new_tokens=7).max_new_tokens == 7
+    assert SamplingParams.anygpt("text-base", max_new_tokens=7).max_new_tokens == 7
     with pytest.raises(ValueError, match="modality='video'"):
         SamplingParams.anygpt("video")
 

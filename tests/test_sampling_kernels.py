@@ -181,7 +181,7 @@ def test_same_tokens_and_state_as_reference(vocab):
 def test_large_vocabulary_anygpt_presets():
     vocab = Vocabulary.anygpt()
     constraint = ModalityConstraint.build(vocab, CPU)
-    params = [SamplingParams.anygpt(m, seed=i) for i, m in enumerate(["speech", "music", "text"])]
+    params = [SamplingParams.anygpt(m, seed=i) for i, m in enumerate(["speech", "music", "text-base"])]
     prompts = [[1, vocab.start_token("speech")], [1, vocab.start_token("music"), vocab.range("music")[5]], [1, 2, 3]]
     kwargs = dict(prompts=prompts, seeds=[7, 8, 9], open_modality=[constraint.state_after(p) for p in prompts])
     reference, kernel = _state(params, vocab.size, **kwargs), _state(params, vocab.size, **kwargs)
@@ -507,7 +507,7 @@ def test_gpu_same_seed_same_tokens_alone_or_batched_and_in_a_graph(face):
     vocab = Vocabulary.anygpt()
     constraint = ModalityConstraint.build(vocab, dev)
     b = 16
-    params = [SamplingParams.anygpt(["speech", "music", "text", "image"][i % 4]) for i in range(b)]
+    params = [SamplingParams.anygpt(["speech", "music", "text-base", "image"][i % 4]) for i in range(b)]
     prompts = [[1, vocab.start_token("speech")] if i % 4 == 0 else [1, 5, 9] for i in range(b)]
     kwargs = dict(prompts=prompts, seeds=list(range(b)), open_modality=[constraint.state_after(p) for p in prompts],
                   device=dev)

@@ -2,7 +2,8 @@
 start-up and replayed every step.
 
 Each graph owns fixed-address inputs (token ids, positions, cache slots, block tables,
-sampling slots) and its output ids. A step copies its batch into the smallest bucket that
+sampling slots) and its outputs (the sampled ids and the float32 logits they came from, which
+beam search reads). A step copies its batch into the smallest bucket that
 holds it: padding rows run token 0 at position 0, write to the scratch block 0 and sample
 into the scratch sampling slot, so they never touch a live request. Widths are block-table
 columns; entries past a row's length point at block 0 and are hidden by the position mask,
@@ -68,14 +69,15 @@ class DecodeInputs:
 
 
 class DecodeGraphs:
-    """Captured decode steps. `step_fn(inputs) -> ids` must only do device work."""
+    """Captured decode steps. `step_fn(inputs) -> tuple of tensors [B, ...]` must only do
+    device work; `run` returns those outputs' first n rows."""
 
-    def __init__(self, step_fn: Callable[[DecodeInputs], torch.Tensor], batch_sizes: list[int], widths: list[int],
-                 scratch_slot: int, vocab_size: int, device: torch.device):
+    def __init__(self, step_fn: Callable[[DecodeInputs], tuple[torch.Tensor, ...]], batch_sizes: list[int],
+                 widths: list[int], scratch_slot: int, vocab_size: int, device: torch.device):
         self.batch_sizes = batch_sizes
         self.widths = widths
         self.scratch_slot = scratch_slot
-        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, DecodeInputs, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, DecodeInputs, tuple]] = {}
         self.used: set[tuple[int, int]] = set()
         start = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
@@ -99,11 +101,11 @@ class DecodeGraphs:
     def __len__(self) -> int:
         return len(self._graphs)
 
-    def run(self, host: DecodeInputs) -> torch.Tensor:
+    def run(self, host: DecodeInputs) -> tuple[torch.Tensor, ...]:
         n, w = host.block_tables.shape
         key = (bucket_for(self.batch_sizes, n), bucket_for(self.widths, w))
-        graph, inputs, out = self._graphs[key]
+        graph, inputs, outputs = self._graphs[key]
         inputs.fill(host, self.scratch_slot)
         graph.replay()
         self.used.add(key)
-        return out[:n]
+        return tuple(out[:n] for out in outputs)

@@ -12,9 +12,16 @@ Block manager invariants (checked by `check()`, driven by property and soak test
     has a hash, in the LRU), used (ref > 0);
   * a used block's ref count equals the number of live tables that name it;
   * the hash table maps each hash to one block carrying that hash;
-  * when no request holds blocks, used is empty and free + cached = num_blocks - 1.
+  * when no request holds blocks, used is empty and free + cached = num_blocks - 1;
+  * a pending copy-on-write copy targets a used block.
 A block gets a hash when it is full: hash(parent block's hash, its tokens), so equal hashes
 mean equal whole prefixes; its tokens are kept and compared on lookup as well.
+
+Forks (beam search): `fork` gives a new sequence every block of another (ref + 1 each, nothing
+copied). A sequence about to write into a partial last block that others also hold gets a
+private block instead, and the copy of that one block's K/V is queued (`take_copies`) for the
+engine to run on the device before the step's forward: copy-on-write, at most one block per
+sequence and step.
 """
 
 from __future__ import annotations
@@ -41,6 +48,17 @@ class PagedKVCache:
         self.block_size = block_size
         shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """K and V of block src into block dst, every layer, for each (src, dst) pair (the
+        block manager's copy-on-write queue: distinct destinations, none of them a source)."""
+        if not pairs:
+            return
+        device = self.layers[0].device
+        src = torch.tensor([s for s, _ in pairs], device=device)
+        dst = torch.tensor([d for _, d in pairs], device=device)
+        for layer in self.layers:
+            layer.index_copy_(1, dst, layer.index_select(1, src))
 
     @staticmethod
     def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -77,6 +95,7 @@ class BlockManager:
         self._lru: OrderedDict[int, None] = OrderedDict()  # cached blocks, least recently used first
         self._by_hash: dict[int, int] = {}
         self.tables: dict[object, BlockTable] = {}
+        self._copies: list[tuple[int, int]] = []  # copy-on-write (src, dst) pairs not yet run
         self.hit_tokens = 0
         self.queried_tokens = 0
 
@@ -119,6 +138,8 @@ class BlockManager:
         meta = self._blocks[block]
         meta.ref -= 1
         if meta.ref == 0:
+            if self._copies:  # a copy into a block nobody holds any more is moot
+                self._copies = [(src, dst) for src, dst in self._copies if dst != block]
             if meta.hash is not None:
                 self._lru[block] = None
             else:
@@ -170,16 +191,59 @@ class BlockManager:
         self.queried_tokens += len(tokens)
         return table.num_tokens
 
+    def _shared_tail(self, table: BlockTable, num_new_tokens: int) -> int | None:
+        """The partial last block the next token would be written into, when others hold it too."""
+        if num_new_tokens and table.num_tokens % self.block_size:
+            block = table.blocks[-1]
+            if self._blocks[block].ref > 1:
+                return block
+        return None
+
+    def blocks_needed(self, seq_ids, num_new_tokens: int) -> int:
+        """Blocks the pool must hand out to grow every sequence in seq_ids by num_new_tokens,
+        copies-on-write included (of k holders of a shared partial block that all grow, k - 1
+        copy when nobody else holds it: the last keeps the original)."""
+        need, tails = 0, {}
+        for seq_id in seq_ids:
+            table = self.tables[seq_id]
+            need += self.blocks_for(table.num_tokens + num_new_tokens) - len(table.blocks)
+            block = self._shared_tail(table, num_new_tokens)
+            if block is not None:
+                tails[block] = tails.get(block, 0) + 1
+        for block, growing in tails.items():
+            need += growing - (self._blocks[block].ref == growing)
+        return need
+
     def can_grow(self, seq_id, num_new_tokens: int) -> bool:
-        table = self.tables[seq_id]
-        return self.blocks_for(table.num_tokens + num_new_tokens) - len(table.blocks) <= self.num_available()
+        return self.blocks_needed((seq_id,), num_new_tokens) <= self.num_available()
 
     def grow(self, seq_id, num_new_tokens: int) -> None:
-        """Makes room for `num_new_tokens` more tokens (callers check can_grow first)."""
+        """Makes room for `num_new_tokens` more tokens (callers check can_grow first). A shared
+        partial last block is replaced by a private copy first (queued for take_copies)."""
         table = self.tables[seq_id]
+        shared = self._shared_tail(table, num_new_tokens)
+        if shared is not None:
+            private = self._take()
+            self._release(shared)
+            table.blocks[-1] = private
+            self._copies.append((shared, private))
         table.num_tokens += num_new_tokens
         while len(table.blocks) < self.blocks_for(table.num_tokens):
             table.blocks.append(self._take())
+
+    def fork(self, parent_id, child_id) -> None:
+        """Starts sequence child_id with all of parent_id's blocks, shared (nothing is copied)."""
+        if child_id in self.tables:
+            raise ValueError(f"sequence {child_id!r} already holds blocks")
+        parent = self.tables[parent_id]
+        for block in parent.blocks:
+            self._blocks[block].ref += 1
+        self.tables[child_id] = BlockTable(list(parent.blocks), parent.num_tokens, parent.num_hashed)
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        """The queued copy-on-write (src, dst) block pairs, to run before the next forward."""
+        copies, self._copies = self._copies, []
+        return copies
 
     def commit(self, seq_id, tokens: list[int]) -> None:
         """Registers the hashes of blocks that `tokens` (the sequence's tokens whose K/V are now
@@ -233,5 +297,7 @@ class BlockManager:
                 assert meta.hash is not None and self._by_hash.get(meta.hash) == block
         for h, block in self._by_hash.items():
             assert self._blocks[block].hash == h
+        for src, dst in self._copies:
+            assert self._blocks[dst].ref > 0 and src != dst, f"copy-on-write {src} -> {dst} targets a free block"
         if not self.tables:
             assert len(free) + len(cached) == self.usable_blocks, "blocks leaked"

@@ -7,6 +7,11 @@ Host-side only (no tensors), so its invariants are testable without a model. Eac
   2. the rest of the token budget goes to prefill chunks: first requests part-way through
      their prefill, then waiting ones in arrival order (preempted requests keep their place).
 A request keeps one sampling slot from admission to its end, preemption included.
+
+A beam-search request (runtime/beams.py) is one entry here with `width` = its number of
+beams: it reserves that many decode rows and sampling slots from admission, prefills its
+prompt once, then decodes all its beams' sequences (`seq_ids`) together or not at all. When
+it is preempted every beam's blocks are freed and it starts again from its prompt.
 """
 
 from __future__ import annotations
@@ -54,10 +59,18 @@ class Request:
     modality: int  # host copy of the constraint state (0 = no span open): picks the LM head rows
     output: list[int] = field(default_factory=list)
     slot: int | None = None
+    width: int = 1  # decode rows and sampling slots it holds: its number of beams
+    extra_slots: list[int] = field(default_factory=list)  # the slots past the first, for beams 1..width-1
+    seq_ids: list = None  # the sequences whose block tables it holds: itself, or its live beams
+    beams: object = None  # the beam search state (runtime/beams.py), None for ordinary requests
     num_computed: int = 0  # leading tokens whose K/V are in the cache
     prefilled: bool = False  # True once its tokens are all computed and it decodes
     finished: bool = False
     finish_reason: str | None = None
+
+    def __post_init__(self):
+        if self.seq_ids is None:
+            self.seq_ids = [self.request_id]
 
     @property
     def tokens(self) -> "TokenView":
@@ -82,7 +95,7 @@ class PrefillChunk:
 
 @dataclass
 class Schedule:
-    decodes: list[Request]
+    decodes: list[Request]  # each decodes one token per sequence in its seq_ids
     prefills: list[PrefillChunk]
     preempted: list[Request]
     new_slots: list[Request]  # admitted for the first time: their sampling slot needs its state
@@ -104,21 +117,33 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def rows(self) -> int:
+        """Decode rows the running requests hold."""
+        return sum(r.width for r in self.running)
+
+    def _free_tables(self, request: Request) -> None:
+        for seq_id in request.seq_ids:
+            if seq_id in self.blocks.tables:
+                self.blocks.free(seq_id)
+        request.seq_ids = [request.request_id]
+
     def remove(self, request: Request) -> None:
-        """Drops a finished or aborted request and gives back its blocks and slot."""
+        """Drops a finished or aborted request and gives back its blocks and slots."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        if request.request_id in self.blocks.tables:
-            self.blocks.free(request.request_id)
+        self._free_tables(request)
         if request.slot is not None:
             self.free_slots.append(request.slot)
-            request.slot = None
+            self.free_slots.extend(request.extra_slots)
+            request.slot, request.extra_slots = None, []
 
     def _preempt(self, victim: Request) -> None:
         self.running.remove(victim)
-        self.blocks.free(victim.request_id)
+        self._free_tables(victim)
+        if victim.beams is not None:
+            victim.beams.reset()
         victim.num_computed, victim.prefilled = 0, False
         bisect.insort(self.waiting, victim)
         self.num_preemptions += 1
@@ -129,17 +154,18 @@ class Scheduler:
         for request in [r for r in self.running if r.prefilled]:
             if request not in self.running:  # preempted earlier in this loop
                 continue
-            while not self.blocks.can_grow(request.request_id, 1):
+            while self.blocks.blocks_needed(request.seq_ids, 1) > self.blocks.num_available():
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is request:
                     break
             else:
-                self.blocks.grow(request.request_id, 1)
+                for seq_id in request.seq_ids:
+                    self.blocks.grow(seq_id, 1)
                 decodes.append(request)
 
-        budget = self.max_num_batched_tokens - len(decodes)
+        budget = self.max_num_batched_tokens - sum(len(r.seq_ids) for r in decodes)
         prefills: list[PrefillChunk] = []
         new_slots: list[Request] = []
         for request in [r for r in self.running if not r.prefilled]:
@@ -151,9 +177,10 @@ class Scheduler:
             self.blocks.grow(request.request_id, n)
             prefills.append(PrefillChunk(request, request.num_computed, request.num_computed + n))
             budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+        rows = self.rows()
+        while self.waiting and budget > 0 and rows + self.waiting[0].width <= self.max_batch_size:
             request = self.waiting[0]
-            if request.slot is None and not self.free_slots:
+            if request.slot is None and len(self.free_slots) < request.width:
                 break
             tokens = request.tokens
             cached = len(self.blocks.match_prefix(tokens)) * self.blocks.block_size
@@ -166,8 +193,10 @@ class Scheduler:
             request.num_computed = cached
             if request.slot is None:
                 request.slot = self.free_slots.pop()
+                request.extra_slots = [self.free_slots.pop() for _ in range(request.width - 1)]
                 new_slots.append(request)
             bisect.insort(self.running, request)
+            rows += request.width
             prefills.append(PrefillChunk(request, cached, cached + n))
             budget -= n
         return Schedule(decodes, prefills, preempted, new_slots)

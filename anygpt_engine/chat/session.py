@@ -21,10 +21,9 @@ import dataclasses
 from anygpt_engine.chat.template import ChatTemplate, Reply, parse_reply
 from anygpt_engine.sampling import SamplingParams
 
-# AnyGPT's chat text generation (config/generate_config.json: temperature 1, top_p 1, sampling,
-# max 500, min 10; transformers' default top_k 50 applies). Its num_beams=5 is left to the
-# caller's SamplingParams.
-CHAT_TEXT_PARAMS = SamplingParams(temperature=1.0, top_k=50, top_p=1.0, min_new_tokens=10, max_new_tokens=500)
+# AnyGPT's chat text generation: config/generate_config.json, beam-sample with 5 beams (temperature 1,
+# top_p 1, transformers' default top_k 50, max 500, min 10). Beams deliver the reply whole at the end.
+CHAT_TEXT_PARAMS = SamplingParams.anygpt("text")
 
 
 def chat_params(to_modality: str = "text") -> SamplingParams:

@@ -97,9 +97,11 @@ def test_waiting_queue_is_bounded():
         engine = AsyncEngine.from_model("tiny", device="cpu", max_batch_size=1, max_waiting=2, num_blocks=64)
         try:
             params = SamplingParams(max_new_tokens=60, seed=0)
-            outcomes = await asyncio.gather(*(engine.add_request([1, 2, 3 + i], params) for i in range(6)),
+            running = await engine.add_request([1, 2, 3], params)
+            await running.__anext__()  # it holds the one batch slot for 59 more steps
+            outcomes = await asyncio.gather(*(engine.add_request([1, 2, 4 + i], params) for i in range(5)),
                                             return_exceptions=True)
-            accepted = [o for o in outcomes if not isinstance(o, BaseException)]
+            accepted = [running] + [o for o in outcomes if not isinstance(o, BaseException)]
             for stream in accepted:
                 async for _ in stream:
                     pass
@@ -110,8 +112,8 @@ def test_waiting_queue_is_bounded():
 
     outcomes, accepted, stats = run(main())
     rejected = [o for o in outcomes if isinstance(o, EngineOverloaded)]
-    # One request runs (batch size 1) and two wait; the others are refused while those 60-token
-    # requests are in flight.
+    # One request runs (batch size 1) and two wait; the others are refused while the running one
+    # holds the slot.
     assert len(accepted) == 3 and len(rejected) == 3 and "max_waiting" in str(rejected[0])
     assert all(len(s.token_ids) == 60 and s.finish_reason == "length" for s in accepted)
     assert stats["rejected"] == 3 and stats["used_blocks"] == 0

@@ -494,7 +494,7 @@ class OpenAIServer:
         if upload is None or isinstance(upload, str):
             raise bad("file", "file is required (the audio to transcribe, as wav)")
         data = await upload.read()
-        fields = Fields({k: _form_value(k, v) for k, v in form.items() if k in ("temperature", "seed")})
+        fields = Fields({k: _form_value(k, v) for k, v in form.items() if k in ("temperature", "seed", "max_tokens")})
         response_format = form.get("response_format") or "json"
         if response_format not in ("json", "text"):
             raise bad("response_format", f"response_format={response_format!r}, expected 'json' or 'text'")
@@ -515,7 +515,7 @@ class OpenAIServer:
 def _form_value(name: str, value):
     """A multipart form's number field as JSON would carry it."""
     try:
-        return int(value) if name == "seed" else float(value)
+        return float(value) if name == "temperature" else int(value)
     except (TypeError, ValueError):
         raise bad(name, f"{name}={value!r} is not a number") from None
 

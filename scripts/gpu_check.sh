@@ -8,6 +8,8 @@
 #   bash scripts/gpu_check.sh OUT_DIR kernels  # the op families' GPU tests, sanitizer and benchmarks
 #   bash scripts/gpu_check.sh OUT_DIR attention-rvq  # only what the attention and RVQ targets need
 #                                              # (their GPU tests, sanitizer, tuned benchmarks): ~8 min
+#   bash scripts/gpu_check.sh OUT_DIR serving  # the serving targets (needs wheels/serving, see
+#                                              # scripts/serving_wheels.sh): ~6 min
 set -uo pipefail
 out=${1:?usage: scripts/gpu_check.sh OUT_DIR [core|kernels]}
 mode=${2:-core}
@@ -69,7 +71,17 @@ case "$mode" in
     step bench_rvq 120 python benchmarks/bench_rvq.py --json "$out/bench_rvq.json" --write-tuning --sizes 2000 32000
     mkdir -p "$out/tuning" && cp anygpt_engine/tuning/*.json "$out/tuning/"
     ;;
-  *) echo "unknown mode $mode (core, kernels or attention-rvq)"; exit 2 ;;
+  serving)
+    # The serving targets (benchmarks/bench_serving.py: HTTP TPOT overhead at 16 streams and the
+    # 1,000-request overload run, anygpt-7b), about 6 minutes. fastapi, uvicorn, python-multipart,
+    # prometheus_client and aiohttp are not on the GPU image: carry wheels/serving, made where PyPI
+    # is reachable by scripts/serving_wheels.sh.
+    step serving_deps 90 pip install --no-index --find-links wheels/serving fastapi uvicorn python-multipart \
+      prometheus_client aiohttp || { tail -20 "$out/serving_deps.log"; exit 1; }
+    step bench_serving 420 python benchmarks/bench_serving.py --json "$out/bench_serving.json" \
+      --out-dir "$out/bench_serving"
+    ;;
+  *) echo "unknown mode $mode (core, kernels, attention-rvq or serving)"; exit 2 ;;
 esac
 
 python - "$out" <<'PY'

@@ -9,8 +9,10 @@ import asyncio
 import base64
 import dataclasses
 import json
+import os
 import random
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -156,6 +158,19 @@ def test_disconnect_mid_stream_frees_blocks(client, server):
     assert idle['anygpt_requests_finished_total{finish_reason="abort"}'] == before + 1
     assert idle["anygpt_generation_tokens_total"] < busy["anygpt_generation_tokens_total"] + 2900
 
+    # Without streaming too: the client hangs up while waiting for the whole reply.
+    body = json.dumps({"model": "tiny", "prompt": list(range(1, 60)), "max_tokens": 3000, "ignore_eos": True})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as conn:
+        conn.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        for _ in range(100):
+            if metrics(server.base)["anygpt_requests_running"] == 1:
+                break
+            time.sleep(0.02)
+        assert metrics(server.base)["anygpt_kv_blocks_used"] >= 4
+    idle = wait_idle(server.base)
+    assert idle['anygpt_requests_finished_total{finish_reason="abort"}'] == before + 2
+
 
 def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(client, server, engine):
     def error(exc_type, **fields):
@@ -246,7 +261,7 @@ def test_bench_serve_reports_vllm_keys(server, tmp_path):
            "tiny", "--api-key", KEY, "--num-prompts", "6", "--max-concurrency", "3", "--random-input-len", "8",
            "--random-output-len", "4", "--json", str(out), "--disable-tqdm"]
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr
     result = json.loads(out.read_text())
     assert result["completed"] == 6 and result["failed"] == 0 and result["total_output_tokens"] == 24

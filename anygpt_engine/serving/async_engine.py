@@ -16,6 +16,12 @@ something for it, carrying that step's new token ids, the text they add (when th
 tokenizer) and, on the last, the finish reason. Leaving the stream early (cancelling the task
 that reads it, closing the generator, or abort()) aborts the request and frees its KV blocks.
 
+The GIL: the engine thread and the event loop share one interpreter lock. Torch ops release it,
+so the event loop runs while the engine computes; but when the engine thread wants it back, a
+busy event loop keeps it for up to the switch interval (5 ms by default), per hand-back. That
+doubled the tiny preset's TPOT on a CPU, so AsyncEngine sets the process's switch interval to
+1 ms (`gil_switch_interval`; None leaves it alone).
+
 Admission control: `max_waiting` bounds the requests the scheduler holds waiting; a request
 that would exceed it fails at once with EngineOverloaded (a server answers 503) instead of
 queueing without bound. shutdown() stops admission, then drains the requests in flight or
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -160,7 +167,11 @@ class RequestStream:
 class AsyncEngine:
     """An Engine driven by its own thread; see the module docstring."""
 
-    def __init__(self, engine: Engine | None = None, *, max_waiting: int | None = None, _build=None):
+    def __init__(self, engine: Engine | None = None, *, max_waiting: int | None = None,
+                 gil_switch_interval: float | None = 0.001, _build=None):
+        if gil_switch_interval is not None and not (isinstance(gil_switch_interval, (int, float))
+                                                    and 0 < gil_switch_interval <= 1):
+            raise ValueError(f"gil_switch_interval={gil_switch_interval!r}, expected None or seconds in (0, 1]")
         if max_waiting is not None and (isinstance(max_waiting, bool) or not isinstance(max_waiting, int)
                                         or max_waiting < 0):
             raise ValueError(f"max_waiting={max_waiting!r}, expected None (unbounded) or an int >= 0")
@@ -172,6 +183,8 @@ class AsyncEngine:
             raise ValueError("engine has requests in flight; AsyncEngine must be the only one driving it")
         self.max_waiting = max_waiting
         self.engine = engine
+        if gil_switch_interval is not None:
+            sys.setswitchinterval(gil_switch_interval)  # process-wide; see the module docstring
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[object, RequestStream] = {}  # live requests; touched by the engine thread only
         self._lock = threading.Lock()  # admission vs. the thread's exit: no add is queued after it
@@ -190,10 +203,12 @@ class AsyncEngine:
             raise failure[0]
 
     @classmethod
-    def from_model(cls, model="tiny", *, max_waiting: int | None = None, **engine_kwargs) -> "AsyncEngine":
-        """Builds the Engine on the engine thread itself (so its CUDA graphs are captured on the
-        stream that replays them). Raises what Engine(...) raises."""
-        return cls(max_waiting=max_waiting, _build=lambda: Engine(model, **engine_kwargs))
+    def from_model(cls, model="tiny", *, max_waiting: int | None = None, gil_switch_interval: float | None = 0.001,
+                   **engine_kwargs) -> "AsyncEngine":
+        """Builds the Engine (Engine(model, **engine_kwargs)) on the engine thread itself. Raises
+        what Engine(...) raises."""
+        return cls(max_waiting=max_waiting, gil_switch_interval=gil_switch_interval,
+                   _build=lambda: Engine(model, **engine_kwargs))
 
     # -- properties the caller may read (fixed after start) ---------------------------------------
     @property

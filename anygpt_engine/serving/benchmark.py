@@ -17,8 +17,9 @@ Workloads: `random` (random text ids, input and output lengths drawn within
 prompt that ends with <sosp>, and replies of a few seconds of 50 Hz speech tokens). Outputs have
 exactly the drawn length (`ignore_eos`), unless --no-ignore-eos.
 
-`--in-process` drives an AsyncEngine built in this process with the same requests, the reference
-for what the HTTP layer adds.
+`--in-process` sends the same requests without HTTP, to measure what each layer adds: to an
+AsyncEngine in this process (`async`, the default), or to a bare Engine stepped by a plain loop
+(`engine`, the floor).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def summarize(outcomes: list[Outcome], duration: float, args) -> dict:
     total_out = sum(o.output_len for o in ok)
     total_in = sum(o.prompt_len for o in ok)
     result = {
-        "backend": "in-process" if args.in_process else "openai",
+        "backend": f"in-process {args.in_process}" if args.in_process else "openai",
         "base_url": None if args.in_process else args.base_url,
         "model": args.model, "dataset": args.dataset, "num_prompts": len(outcomes),
         "request_rate": args.request_rate, "max_concurrency": args.max_concurrency,
@@ -253,6 +254,48 @@ class InProcessSender:
         return out
 
 
+def run_engine_direct(engine, workloads: list[Workload], max_concurrency: int | None, ignore_eos: bool,
+                      progress: bool) -> tuple[list[Outcome], float]:
+    """The same workloads on a bare Engine driven by a plain step loop in this thread (no asyncio,
+    no engine thread): the floor that AsyncEngine and the HTTP server are measured against. All
+    requests arrive at once; at most max_concurrency are in the engine at a time."""
+    from tqdm import tqdm
+
+    from anygpt_engine.sampling import SamplingParams
+
+    bar = tqdm(total=len(workloads), disable=not progress, file=sys.stderr, desc="requests")
+    outcomes = [Outcome(ok=False, prompt_len=len(w.prompt)) for w in workloads]
+    starts, lasts, active, nxt = {}, {}, set(), 0
+    limit = max_concurrency or len(workloads)
+    start = time.perf_counter()
+    while nxt < len(workloads) or active:
+        while nxt < len(workloads) and len(active) < limit:
+            w = workloads[nxt]
+            params = SamplingParams(temperature=0.0, max_new_tokens=w.output_len,
+                                    stop_token_ids=() if ignore_eos else None)
+            engine.add_request(w.prompt, params, request_id=nxt)
+            starts[nxt] = time.perf_counter()
+            active.add(nxt)
+            nxt += 1
+        outs = engine.step()
+        now = time.perf_counter()
+        for out in outs:
+            o = outcomes[out.request_id]
+            if out.new_token_ids:
+                if o.output_len == 0:
+                    o.ttft = now - starts[out.request_id]
+                else:
+                    o.itl.append(now - lasts[out.request_id])
+                lasts[out.request_id] = now
+                o.output_len += len(out.new_token_ids)
+            if out.finished:
+                o.e2el, o.ok = now - starts[out.request_id], o.output_len > 0
+                active.discard(out.request_id)
+                bar.update(1)
+    bar.close()
+    return outcomes, time.perf_counter() - start
+
+
 async def run_benchmark(sender, workloads: list[Workload], request_rate: float, max_concurrency: int | None,
                         seed: int, progress: bool) -> tuple[list[Outcome], float]:
     """Sends every workload (Poisson arrivals at request_rate, or all at once for inf), at most
@@ -291,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="the model name the server serves (with --in-process: the preset "
                                                    "or checkpoint to load)")
     p.add_argument("--api-key", default=None)
-    p.add_argument("--in-process", action="store_true", help="drive an AsyncEngine in this process instead (no HTTP)")
+    p.add_argument("--in-process", nargs="?", const="async", default=None, choices=["async", "engine"],
+                   help="no HTTP: drive an AsyncEngine in this process (async), or a bare Engine from a step "
+                        "loop (engine; request rate inf only)")
     p.add_argument("--device", default=None, help="--in-process: cpu, cuda (default: cuda when available)")
     p.add_argument("--max-batch-size", type=int, default=32, help="--in-process: the engine's batch size")
     p.add_argument("--num-prompts", type=int, default=100)
@@ -317,6 +362,19 @@ async def _main(args) -> dict:
     workloads = make_workloads(args.dataset, args.num_prompts, input_len, output_len, args.random_range_ratio,
                                args.seed)
     ignore_eos = not args.no_ignore_eos
+    if args.in_process == "engine":
+        from anygpt_engine.engine import Engine
+
+        if args.request_rate != math.inf:
+            raise ValueError("--in-process engine sends every request at once; use --max-concurrency, not "
+                             "--request-rate")
+        engine = Engine(args.model, device=args.device, max_batch_size=args.max_batch_size)
+        if args.warmup:
+            warm = make_workloads(args.dataset, args.warmup, input_len, min(output_len, 8), 0.0, args.seed + 7)
+            run_engine_direct(engine, warm, None, ignore_eos, progress=False)
+        outcomes, duration = run_engine_direct(engine, workloads, args.max_concurrency, ignore_eos,
+                                               progress=not args.disable_tqdm)
+        return summarize(outcomes, duration, args)
     if args.in_process:
         from anygpt_engine.serving.async_engine import AsyncEngine
 

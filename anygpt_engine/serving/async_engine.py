@@ -321,7 +321,8 @@ class AsyncEngine:
             device = self.engine.device
             stream = None
             if device.type == "cuda":
-                torch.cuda.set_device(device)
+                if device.index is not None:
+                    torch.cuda.set_device(device)  # the current device is per thread
                 torch.cuda.synchronize(device)  # work queued by whoever built the engine comes first
                 stream = torch.cuda.Stream(device)
         except BaseException as err:  # noqa: BLE001 - re-raised by the constructor

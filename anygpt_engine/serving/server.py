@@ -28,6 +28,7 @@ import hmac
 import json
 import time
 import uuid
+import weakref
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -82,6 +83,21 @@ class _BodyLimit:
                         code="request_too_large")
 
 
+class _EventStream(StreamingResponse):
+    """An SSE response that calls on_close when it ends however it ends, even when the client
+    left before the body was first read (the body's own finally would then never run)."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
 @dataclasses.dataclass
 class _Result:
     """A finished generation as the endpoints report it."""
@@ -108,6 +124,7 @@ class OpenAIServer:
         self.vocab_size = engine.config.vocab_size
         self.tokenizer = engine.tokenizer
         self.metrics = ServerMetrics()
+        self._ended: weakref.WeakSet = weakref.WeakSet()  # requests already recorded in the metrics
         self.created = int(time.time())
         self.shutdown_timeout = shutdown_timeout
         self.app = self._build(max_body_bytes)
@@ -197,6 +214,13 @@ class OpenAIServer:
         except (ValueError, TypeError) as err:
             raise bad(None, str(err)) from None
 
+    def _end(self, stream: RequestStream, finish: str | None) -> None:
+        """Aborts the request if it still runs (a no-op once finished) and records it, once."""
+        stream.abort()
+        if stream not in self._ended:
+            self._ended.add(stream)
+            self.metrics.observe(stream, finish)
+
     async def _events(self, stream: RequestStream, stops: list[str]):
         """(token id delta, text delta, finish reason or None) per step; a stop string ends the
         request early with "stop". Leaving (a disconnect) aborts the request."""
@@ -214,8 +238,7 @@ class OpenAIServer:
                 if finish is not None:
                     return
         finally:
-            stream.abort()
-            self.metrics.observe(stream, finish)
+            self._end(stream, finish)
 
     async def _collect(self, request: Request, stream: RequestStream, stops: list[str]) -> _Result:
         """The whole generation; aborts it if the client disconnects first."""
@@ -243,14 +266,13 @@ class OpenAIServer:
         return {"prompt_tokens": prompt_len, "completion_tokens": completion_len,
                 "total_tokens": prompt_len + completion_len}
 
-    @staticmethod
-    def _sse(chunks):
+    def _sse(self, chunks, stream: RequestStream) -> StreamingResponse:
         async def body():
             async for chunk in chunks:
                 yield f"data: {_dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return _EventStream(body(), on_close=lambda: self._end(stream, None))
 
     # -- endpoints ------------------------------------------------------------------------------
     async def health(self):
@@ -312,7 +334,7 @@ class OpenAIServer:
             if options.include_usage:
                 yield {**envelope([]), "usage": self._usage(len(prompt), count)}
 
-        return self._sse(chunks())
+        return self._sse(chunks(), stream)
 
     # -- chat -----------------------------------------------------------------------------------
     async def _message_text(self, i: int, content) -> str:
@@ -450,7 +472,7 @@ class OpenAIServer:
             if options.include_usage:
                 yield {**envelope([], chunk=True), "usage": self._usage(len(prompt), len(ids))}
 
-        return self._sse(chunks())
+        return self._sse(chunks(), stream)
 
     # -- audio ----------------------------------------------------------------------------------
     async def _reply_tokens(self, request, prompt: list[int], params: SamplingParams, skip=()) -> _Result:

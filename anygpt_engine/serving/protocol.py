@@ -102,9 +102,11 @@ def check_unsupported(fields: Fields) -> None:
         raise bad("echo", "echo is not supported")
     if fields.get("logit_bias"):
         raise bad("logit_bias", "logit_bias is not supported")
-    for name in ("tools", "functions", "response_format", "suffix"):
+    for name in ("tools", "functions", "suffix"):
         if fields.get(name):
             raise bad(name, f"{name} is not supported")
+    if fields.get("response_format") not in (None, {"type": "text"}):
+        raise bad("response_format", "response_format other than {'type': 'text'} is not supported")
 
 
 def token_list(name: str, value, vocab_size: int) -> list[int]:

@@ -256,7 +256,8 @@ class OpenAIServer:
         finally:
             watch.cancel()
             if not task.done():
-                task.cancel()  # the client left: the request is aborted, its blocks freed
+                task.cancel()  # the client left (or this handler was cancelled): abort, free the blocks
+                await asyncio.gather(task, return_exceptions=True)
         if task.cancelled():
             raise APIError(499, "the client closed the connection", code="client_closed_request")
         return task.result()

@@ -37,7 +37,7 @@ def read_wav_bytes(name: str, data: bytes) -> tuple[torch.Tensor, int]:
 
     try:
         samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (RuntimeError, soundfile.LibsndfileError, TypeError) as err:
+    except (RuntimeError, TypeError, ValueError) as err:  # soundfile.LibsndfileError is a RuntimeError
         raise ValueError(f"{name} is not a readable audio file (expected wav): {err}") from None
     if samples.shape[0] == 0:
         raise ValueError(f"{name} holds no audio samples")

@@ -58,14 +58,16 @@ def test_leaving_a_stream_aborts_it_and_spares_the_others(reference):
     async def main():
         engine = AsyncEngine.from_model("tiny", device="cpu", num_blocks=128)
         try:
-            async def read_two_then_hang(agen):
-                await agen.__anext__()
-                await agen.__anext__()
-                await asyncio.Event().wait()  # a client that goes quiet until cancelled
+            seen = asyncio.Event()
 
-            cancelled = asyncio.create_task(read_two_then_hang(engine.generate(PROMPTS[2], long)))
+            async def consume(agen):
+                async for _ in agen:  # suspended only inside the generator, where the cancel lands
+                    seen.set()
+
+            cancelled = asyncio.create_task(consume(engine.generate(PROMPTS[2], long)))
             closed = engine.generate(PROMPTS[0], long)
             await closed.__anext__()
+            await seen.wait()
             busy = await engine.stats()
             others = asyncio.gather(*(collect(engine.generate(p, s)) for p, s in zip(PROMPTS, PARAMS)))
             await asyncio.sleep(0.05)
@@ -76,7 +78,7 @@ def test_leaving_a_stream_aborts_it_and_spares_the_others(reference):
             await stream.__anext__()
             stream.abort()
             tail = [out async for out in stream]
-            for _ in range(200):  # the aborts reach the engine thread between steps
+            for _ in range(1000):  # the aborts reach the engine thread between steps
                 stats = await engine.stats()
                 if stats["used_blocks"] == 0:
                     break

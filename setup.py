@@ -92,13 +92,21 @@ setup(
         # Text tokenizers of checkpoints (anygpt_engine.tokenizer): tokenizer.json and tokenizer.model.
         "tokenizers",
         "sentencepiece",
+        # `anygpt-engine serve` (anygpt_engine.serving): the HTTP server, multipart uploads, /metrics,
+        # and the HTTP client of `anygpt-engine bench serve`.
+        "fastapi>=0.100",
+        "uvicorn>=0.23",
+        "python-multipart>=0.0.9",
+        "prometheus_client>=0.17",
+        "aiohttp>=3.9",
     ],
     extras_require={
         # Also, with --no-deps (their torchaudio pins break a CPU torch): speechtokenizer==1.0.1
         # encodec==0.1.1, whose quantizers the RVQ tests compare against (README's Quick start).
         # protobuf: transformers converts the tests' tokenizer.model files to tokenizer.json with it;
         # scipy: resample_poly, the oracle of codecs.audio.resample.
-        "test": ["pytest", "hypothesis", "transformers>=4.40", "einops", "protobuf", "scipy"],
+        # openai: the official client the serving tests drive the server with.
+        "test": ["pytest", "hypothesis", "transformers>=4.40", "einops", "protobuf", "scipy", "openai>=1.0"],
         "hf": ["transformers>=4.40"],
         "gpu": ["nvidia-ml-py"],
     },

@@ -1,10 +1,12 @@
-"""Command line: `anygpt-engine bench` (see anygpt_engine.bench), `anygpt-engine profile`, and
-`anygpt-engine chat` / `generate` (see anygpt_engine.chat.terminal)."""
+"""Command line: `anygpt-engine bench` (see anygpt_engine.bench), `anygpt-engine bench serve`
+(anygpt_engine.serving.benchmark), `anygpt-engine profile`, `anygpt-engine chat` / `generate`
+(see anygpt_engine.chat.terminal) and `anygpt-engine serve` (anygpt_engine.serving.server)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -104,6 +106,34 @@ def _generate(args) -> int:
     return one_turn(turns, message, as_json=args.json)
 
 
+def _serve(args) -> int:
+    from anygpt_engine.serving.async_engine import AsyncEngine
+    from anygpt_engine.serving.server import OpenAIServer, run
+    from anygpt_engine.serving.speech import SpeechIO
+
+    if args.max_waiting is not None and args.max_waiting < 0:
+        raise ValueError(f"--max-waiting {args.max_waiting}, expected >= 0")
+    if args.cpu_threads is not None:
+        import torch
+
+        torch.set_num_threads(args.cpu_threads)
+    engine = AsyncEngine.from_model(args.model, max_waiting=args.max_waiting, device=args.device, dtype=args.dtype,
+                                    tokenizer=args.tokenizer, seed=args.seed, max_batch_size=args.max_batch_size,
+                                    num_blocks=args.num_blocks)
+    try:
+        speech = SpeechIO.from_files(tuple(args.speech_tokenizer) if args.speech_tokenizer else None, args.soundstorm,
+                                     args.voice_prompt, device=engine.engine.device, vocab=engine.vocab)
+        server = OpenAIServer(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
+                              speech=speech, template=args.template, max_body_bytes=args.max_body_bytes)
+    except BaseException:
+        engine.close()
+        raise
+    print(f"anygpt-engine serve: {engine.engine!r} as `{server.model_name}` on http://{args.host}:{args.port}/v1",
+          file=sys.stderr, flush=True)
+    run(server.app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
+    return 0
+
+
 def _plain_params(args):
     from anygpt_engine.chat import chat_params
 
@@ -140,7 +170,8 @@ def _add_chat_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anygpt-engine", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="decode benchmark (default: tiny on CPU, anygpt-7b bf16 on a GPU)")
+    b = sub.add_parser("bench", help="decode benchmark (default: tiny on CPU, anygpt-7b bf16 on a GPU); "
+                                     "`bench serve --help`: the serving benchmark")
     b.add_argument("--model", default="auto", help="preset (tiny, anygpt-7b) or HF checkpoint directory")
     b.add_argument("--weights", default=None, help="checkpoint directory whose weights the preset loads")
     b.add_argument("--batch-size", type=int, default=1)
@@ -180,10 +211,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print the reply as one JSON object")
     _add_chat_arguments(g)
     g.set_defaults(func=_generate)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (docs/serving.md)")
+    s.add_argument("--model", default="tiny", help="checkpoint directory or preset (tiny, anygpt-7b; random weights)")
+    s.add_argument("--served-model-name", default=None, help="the name clients send as `model` (default: --model)")
+    s.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenizer directory (default: the checkpoint's own; presets have none: token ids only)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=os.environ.get("ANYGPT_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on /v1 (default: $ANYGPT_API_KEY, else none)")
+    s.add_argument("--max-waiting", type=int, default=None, metavar="N",
+                   help="requests allowed to wait for a batch slot; more get 503 (default: unbounded)")
+    s.add_argument("--max-batch-size", type=int, default=32)
+    s.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")
+    s.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="larger request bodies get 413")
+    s.add_argument("--template", default="MMGPT", choices=["MMGPT", "AnyGPT"], help="chat template")
+    s.add_argument("--speech-tokenizer", nargs=2, default=None, metavar=("CONFIG", "CKPT"),
+                   help="SpeechTokenizer config.json and checkpoint (audio input)")
+    s.add_argument("--soundstorm", default=None, metavar="PT", help="SoundStorm checkpoint (audio output)")
+    s.add_argument("--voice-prompt", default=None, metavar="WAV", help="voice for audio output")
+    s.add_argument("--seed", type=int, default=0, help="seeds the random weights of presets and unseeded requests")
+    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    s.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads (a CPU engine on a busy machine runs best with 1)")
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    s.set_defaults(func=_serve)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["bench", "serve"]:
+        from anygpt_engine.serving import benchmark
+
+        return benchmark.main(argv[2:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

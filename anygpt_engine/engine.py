@@ -259,13 +259,16 @@ class Engine:
         self.scheduler.add(request)
         return request_id
 
-    def abort(self, request_id) -> None:
-        """Ends a request now; the next step() reports it with finish_reason 'abort'."""
+    def abort(self, request_id) -> bool:
+        """Ends a request now; the next step() reports it with finish_reason 'abort'. Returns
+        False, and does nothing, for a request that has already finished or never existed (a
+        caller aborting on disconnect may race the request's last step)."""
         request = self._requests.get(request_id)
         if request is None:
-            raise KeyError(f"request_id={request_id!r} is not a live request")
+            return False
         self._finish(request, "abort")
         self._aborted.append(RequestOutput(request_id, [], True, "abort"))
+        return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._aborted)

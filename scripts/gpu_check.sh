@@ -10,8 +10,10 @@
 #                                              # (their GPU tests, sanitizer, tuned benchmarks): ~8 min
 #   bash scripts/gpu_check.sh OUT_DIR beam     # beam search: its GPU test, then bench_beam.py at
 #                                              # anygpt-7b (5 beams, greedy and beam-sample): ~5 min
+#   bash scripts/gpu_check.sh OUT_DIR serving  # the serving targets (needs wheels/serving, see
+#                                              # scripts/serving_wheels.sh): ~6 min
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUT_DIR [core|kernels|attention-rvq|beam]}
+out=${1:?usage: scripts/gpu_check.sh OUT_DIR [core|kernels|attention-rvq|beam|serving]}
 mode=${2:-core}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -77,7 +79,17 @@ case "$mode" in
     step bench_beam 240 python benchmarks/bench_beam.py --json "$out/bench_beam.json"
     step bench_beam_sample 240 python benchmarks/bench_beam.py --sample --json "$out/bench_beam_sample.json"
     ;;
-  *) echo "unknown mode $mode (core, kernels, attention-rvq or beam)"; exit 2 ;;
+  serving)
+    # The serving targets (benchmarks/bench_serving.py: HTTP TPOT overhead at 16 streams and the
+    # 1,000-request overload run, anygpt-7b), about 6 minutes. fastapi, uvicorn, python-multipart,
+    # prometheus_client and aiohttp are not on the GPU image: carry wheels/serving, made where PyPI
+    # is reachable by scripts/serving_wheels.sh.
+    step serving_deps 90 pip install --no-index --find-links wheels/serving fastapi uvicorn python-multipart \
+      prometheus_client aiohttp || { tail -20 "$out/serving_deps.log"; exit 1; }
+    step bench_serving 420 python benchmarks/bench_serving.py --json "$out/bench_serving.json" \
+      --out-dir "$out/bench_serving"
+    ;;
+  *) echo "unknown mode $mode (core, kernels, attention-rvq, beam or serving)"; exit 2 ;;
 esac
 
 python - "$out" <<'PY'

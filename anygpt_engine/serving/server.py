@@ -1,0 +1,564 @@
+"""`anygpt-engine serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over an AsyncEngine.
+
+    GET  /health                   200 while the engine runs, else 503
+    GET  /metrics                  Prometheus text (serving/metrics.py)
+    GET  /v1/models                the served model, with max_model_len
+    POST /v1/completions           prompt as text or token ids; stream (SSE) or not; return_token_ids
+    POST /v1/chat/completions      AnyGPT's chat template; input_audio parts; modalities ["text", "audio"]
+    POST /v1/audio/speech          text -> wav bytes (AnyGPT's text-to-speech instruction)
+    POST /v1/audio/transcriptions  multipart wav -> text (AnyGPT's speech-to-text instruction)
+
+Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for bad fields,
+401 for a wrong API key, 404 for an unknown model or path, 413 for a body over the limit, 503
+when the waiting queue is full or the engine has stopped. Requests are independent: a bad or
+aborted one never changes another's tokens (the engine samples each request from its own seed),
+and a client that disconnects aborts its request, freeing its KV blocks.
+
+    app = build_app(AsyncEngine.from_model("tiny"), model_name="tiny")   # embed in your own ASGI stack
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import dataclasses
+import hmac
+import json
+import time
+import uuid
+import weakref
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from anygpt_engine.chat import ChatTemplate, chat_params
+from anygpt_engine.chat.template import parse_reply
+from anygpt_engine.sampling import SamplingParams
+from anygpt_engine.serving import protocol
+from anygpt_engine.serving.async_engine import AsyncEngine, EngineClosed, EngineOverloaded, RequestStream
+from anygpt_engine.serving.metrics import ServerMetrics
+from anygpt_engine.serving.protocol import APIError, Fields, StopStrings, bad
+from anygpt_engine.serving.speech import SPEECH_TO_TEXT, TEXT_TO_SPEECH, SpeechIO, read_wav_bytes
+
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # base64 audio in chat messages needs room
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes gets a 413 (by its Content-Length at
+    once, or while it is read when it is chunked)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or ()).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            response = JSONResponse(self._error().body(), status_code=413)
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise self._error()
+            return message
+
+        return await self.app(scope, limited, send)
+
+    def _error(self) -> APIError:
+        return APIError(413, f"the request body is over this server's limit of {self.limit} bytes",
+                        code="request_too_large")
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that calls on_close when it ends however it ends, even when the client
+    left before the body was first read (the body's own finally would then never run)."""
+
+    def __init__(self, content, on_close):
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+@dataclasses.dataclass
+class _Result:
+    """A finished generation as the endpoints report it."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+class OpenAIServer:
+    """The endpoints' logic over one AsyncEngine; `app` is the FastAPI application."""
+
+    def __init__(self, engine: AsyncEngine, *, model_name: str, api_key: str | None = None,
+                 speech: SpeechIO | None = None, template: str = "MMGPT",
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, shutdown_timeout: float = 5.0):
+        if not isinstance(engine, AsyncEngine):
+            raise TypeError(f"engine must be an AsyncEngine, got {type(engine).__name__}")
+        self.engine = engine
+        self.model_name = model_name
+        self.api_key = api_key
+        self.speech = speech
+        self.template = ChatTemplate.anygpt(template)
+        self.max_model_len = engine.config.max_seq_len
+        self.vocab_size = engine.config.vocab_size
+        self.tokenizer = engine.tokenizer
+        self.metrics = ServerMetrics()
+        self._ended: weakref.WeakSet = weakref.WeakSet()  # requests already recorded in the metrics
+        self.created = int(time.time())
+        self.shutdown_timeout = shutdown_timeout
+        self.app = self._build(max_body_bytes)
+
+    # -- the application ------------------------------------------------------------------------
+    def _build(self, max_body_bytes: int) -> FastAPI:
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            yield
+            await self.engine.shutdown(drain=True, timeout=self.shutdown_timeout)
+
+        app = FastAPI(title="anygpt-engine", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+        @app.exception_handler(APIError)
+        async def api_error(request, err: APIError):
+            return JSONResponse(err.body(), status_code=err.status)
+
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(request, err: StarletteHTTPException):
+            code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+            return JSONResponse(APIError(err.status_code, str(err.detail), code=code).body(),
+                                status_code=err.status_code)
+
+        @app.exception_handler(Exception)
+        async def internal_error(request, err: Exception):
+            body = APIError(500, f"internal error: {err!r}", type="server_error").body()
+            return JSONResponse(body, status_code=500)
+
+        app.add_api_route("/health", self.health, methods=["GET"])
+        app.add_api_route("/metrics", self.metrics_text, methods=["GET"])
+        app.add_api_route("/v1/models", self.models, methods=["GET"])
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        app.add_api_route("/v1/chat/completions", self.chat_completions, methods=["POST"])
+        app.add_api_route("/v1/audio/speech", self.audio_speech, methods=["POST"])
+        app.add_api_route("/v1/audio/transcriptions", self.audio_transcriptions, methods=["POST"])
+        app.add_middleware(_BodyLimit, limit=max_body_bytes)
+        return app
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[7:] if header.lower().startswith("bearer ") else ""
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    async def _json(self, request: Request) -> dict:
+        self._authorize(request)
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise bad(None, f"We could not parse the JSON body of your request: {err}", "invalid_json") from None
+        if not isinstance(body, dict):
+            raise bad(None, f"the request body must be a JSON object, got {type(body).__name__}", "invalid_json")
+        self._check_model(body.get("model"))
+        return body
+
+    def _check_model(self, model) -> None:
+        if model is None:
+            raise bad("model", "model is required")
+        if model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.model_name}`.",
+                           param="model", code="model_not_found")
+
+    def _need_tokenizer(self, what: str):
+        if self.tokenizer is None:
+            raise bad(None, f"{what} needs a text tokenizer, which this model lacks (start the server with "
+                            "--tokenizer DIR or a checkpoint that ships one)", "tokenizer_required")
+        return self.tokenizer
+
+    def _need_speech(self, what: str, output: bool) -> SpeechIO:
+        if self.speech is None or (output and self.speech.pipeline is None):
+            flags = "--speech-tokenizer CONFIG CKPT" + (" and --soundstorm PT" if output else "")
+            raise bad(None, f"{what} needs speech codecs, which this server was started without ({flags})",
+                      "speech_unavailable")
+        return self.speech
+
+    async def _start(self, prompt_ids: list[int], params: SamplingParams, skip_text_ids=()) -> RequestStream:
+        try:
+            return await self.engine.add_request(prompt_ids, params, skip_text_ids=skip_text_ids)
+        except EngineOverloaded as err:
+            raise APIError(503, f"the server is overloaded: {err}", type="server_error", code="overloaded") from None
+        except EngineClosed as err:
+            raise APIError(503, str(err), type="server_error", code="unavailable") from None
+        except (ValueError, TypeError) as err:
+            raise bad(None, str(err)) from None
+
+    def _end(self, stream: RequestStream, finish: str | None) -> None:
+        """Aborts the request if it still runs (a no-op once finished) and records it, once."""
+        stream.abort()
+        if stream not in self._ended:
+            self._ended.add(stream)
+            self.metrics.observe(stream, finish)
+
+    async def _events(self, stream: RequestStream, stops: list[str]):
+        """(token id delta, text delta, finish reason or None) per step; a stop string ends the
+        request early with "stop". Leaving (a disconnect) aborts the request."""
+        cut = StopStrings(stops) if stops else None
+        finish = None
+        try:
+            async for out in stream:
+                text = out.text or ""
+                finish = out.finish_reason if out.finished else None
+                if cut is not None:
+                    text = cut.feed(text, final=out.finished)
+                    if cut.stopped:
+                        finish = "stop"
+                yield out.new_token_ids, text, finish
+                if finish is not None:
+                    return
+        finally:
+            self._end(stream, finish)
+
+    async def _collect(self, request: Request, stream: RequestStream, stops: list[str]) -> _Result:
+        """The whole generation; aborts it if the client disconnects first."""
+        async def run():
+            ids, text, finish = [], [], None
+            async for delta, piece, finish in self._events(stream, stops):
+                ids += delta
+                text.append(piece)
+            return _Result(ids, "".join(text), finish)
+
+        task = asyncio.ensure_future(run())
+        watch = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not task.done():
+                task.cancel()  # the client left (or this handler was cancelled): abort, free the blocks
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            raise APIError(499, "the client closed the connection", code="client_closed_request")
+        return task.result()
+
+    @staticmethod
+    def _usage(prompt_len: int, completion_len: int) -> dict:
+        return {"prompt_tokens": prompt_len, "completion_tokens": completion_len,
+                "total_tokens": prompt_len + completion_len}
+
+    def _sse(self, chunks, stream: RequestStream) -> StreamingResponse:
+        async def body():
+            async for chunk in chunks:
+                yield f"data: {_dumps(chunk)}\n\n"
+            yield "data: [DONE]\n\n"
+
+        return _EventStream(body(), on_close=lambda: self._end(stream, None))
+
+    # -- endpoints ------------------------------------------------------------------------------
+    async def health(self):
+        if not self.engine.is_running:
+            reason = f"the engine stopped: {self.engine.error!r}" if self.engine.error else "the engine is shut down"
+            return JSONResponse(APIError(503, reason, type="server_error", code="unavailable").body(), 503)
+        return {"status": "ok"}
+
+    async def metrics_text(self):
+        try:
+            stats = await self.engine.stats()
+        except EngineClosed:
+            stats = {}
+        return Response(self.metrics.render(stats), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def models(self, request: Request):
+        self._authorize(request)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "anygpt-engine", "root": self.model_name,
+                                            "max_model_len": self.max_model_len}]}
+
+    async def completions(self, request: Request):
+        body = await self._json(request)
+        fields = Fields(body)
+        protocol.check_unsupported(fields)
+        prompt = protocol.completion_prompt(body, self.tokenizer, self.vocab_size)
+        options = protocol.options(fields)
+        params, stops = protocol.sampling(fields, len(prompt), self.max_model_len, self.vocab_size,
+                                          defaults=SamplingParams(), max_tokens_default=COMPLETIONS_MAX_TOKENS,
+                                          has_tokenizer=self.tokenizer is not None)
+        stream = await self._start(prompt, params)
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def choice(text, ids, finish, first=False):
+            c = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+            if options.return_token_ids:
+                c["token_ids"] = ids
+                if first:
+                    c["prompt_token_ids"] = prompt
+            return c
+
+        def envelope(choices):
+            return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": choices}
+
+        if not options.stream:
+            result = await self._collect(request, stream, stops)
+            response = envelope([choice(result.text, result.token_ids, result.finish_reason, first=True)])
+            response["usage"] = self._usage(len(prompt), len(result.token_ids))
+            return response
+
+        async def chunks():
+            first, count = True, 0
+            async for delta, text, finish in self._events(stream, stops):
+                count += len(delta)
+                if delta or text or finish:
+                    yield envelope([choice(text, delta, finish, first)])
+                    first = False
+            if options.include_usage:
+                yield {**envelope([]), "usage": self._usage(len(prompt), count)}
+
+        return self._sse(chunks(), stream)
+
+    # -- chat -----------------------------------------------------------------------------------
+    async def _message_text(self, i: int, content) -> str:
+        """A message's content as template text: text parts as they are, input_audio parts as
+        their speech tokens (<sosp>...<eosp>), joined by spaces."""
+        if content is None or isinstance(content, str):
+            return content or ""
+        if not isinstance(content, list):
+            raise bad(f"messages[{i}].content", "content must be a string or a list of content parts")
+        pieces = []
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise bad(where, "a text part needs a string 'text'")
+                pieces.append(part["text"])
+            elif kind == "input_audio":
+                pieces.append(await self._audio_part(where, part.get("input_audio")))
+            else:
+                raise bad(where, f"content part type {kind!r} is not supported (expected 'text' or 'input_audio')")
+        return " ".join(p for p in pieces if p)
+
+    async def _audio_part(self, where: str, audio) -> str:
+        speech = self._need_speech("input_audio", output=False)
+        if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
+            raise bad(where, "input_audio needs {'data': base64 audio, 'format': 'wav'}")
+        if audio.get("format", "wav") != "wav":
+            raise bad(where, f"input_audio format {audio.get('format')!r} is not supported (expected 'wav')")
+        try:
+            data = base64.b64decode(audio["data"], validate=True)
+        except (binascii.Error, ValueError):
+            raise bad(where, "input_audio data is not valid base64") from None
+        return await self._speech_string(where, data)
+
+    async def _speech_string(self, where: str, data: bytes) -> str:
+        try:
+            wav, rate = read_wav_bytes(where, data)
+        except ValueError as err:
+            raise bad(where, str(err)) from None
+        ids = await asyncio.to_thread(self.speech.prompt_ids, wav, rate)
+        return "".join(self.tokenizer.id_to_token(t) for t in ids)
+
+    def _chat_stop_ids(self, extra=()) -> tuple[int, ...]:
+        ids = (self.tokenizer.token_to_id(self.template.assistant_end), self.tokenizer.eos_token_id, *extra)
+        return tuple(dict.fromkeys(t for t in ids if t is not None))
+
+    def _speech_ids(self) -> set[int]:
+        vocab = self.engine.vocab
+        return {*vocab.range("speech"), vocab.start_token("speech"), vocab.end_token("speech")}
+
+    async def _synthesize(self, token_ids: list[int]) -> bytes:
+        return await asyncio.to_thread(self.speech.synthesize, token_ids)
+
+    async def chat_completions(self, request: Request):
+        body = await self._json(request)
+        self._need_tokenizer("/v1/chat/completions")
+        fields = Fields(body)
+        protocol.check_unsupported(fields)
+        modalities = fields.get("modalities", ["text"])
+        if not isinstance(modalities, list) or not set(modalities) <= {"text", "audio"} or not modalities:
+            raise bad("modalities", f"modalities={modalities!r}, expected ['text'] or ['text', 'audio']")
+        audio_out = "audio" in modalities
+        if audio_out:
+            self._need_speech("audio output", output=True)
+            audio = fields.get("audio", {})
+            if not isinstance(audio, dict) or audio.get("format", "wav") != "wav":
+                raise bad("audio", "audio output supports {'format': 'wav'} only")
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise bad("messages", "messages must be a non-empty list")
+        rendered = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise bad(f"messages[{i}]", "a message must be an object with 'role' and 'content'")
+            rendered.append({"role": m.get("role"), "content": await self._message_text(i, m.get("content"))})
+        try:
+            text = self.template.render(rendered, force_modality="speech" if audio_out else None)
+        except (ValueError, TypeError) as err:
+            raise bad("messages", str(err)) from None
+        prompt = self.tokenizer.encode(text)
+        defaults = chat_params("speech" if audio_out else "text")
+        options = protocol.options(fields)
+        params, stops = protocol.sampling(fields, len(prompt), self.max_model_len, self.vocab_size, defaults=defaults,
+                                          max_tokens_default=defaults.max_new_tokens, has_tokenizer=True,
+                                          stop_ids=self._chat_stop_ids())
+        skip = set(params.stop_token_ids or ()) | (self._speech_ids() if audio_out else set())
+        stream = await self._start(prompt, params, skip_text_ids=skip)
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def envelope(choices, chunk=False):
+            return {"id": rid, "object": "chat.completion.chunk" if chunk else "chat.completion", "created": created,
+                    "model": self.model_name, "choices": choices}
+
+        async def audio_reply(token_ids, transcript):
+            data = await self._synthesize(token_ids)
+            return {"id": f"audio-{uuid.uuid4().hex}", "data": base64.b64encode(data).decode(),
+                    "expires_at": int(time.time()) + 3600, "transcript": transcript}
+
+        if not options.stream:
+            result = await self._collect(request, stream, stops)
+            message = {"role": "assistant", "content": result.text}
+            if audio_out:
+                message["audio"] = await audio_reply(result.token_ids, result.text)
+            c = {"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}
+            if options.return_token_ids:
+                c["token_ids"] = result.token_ids
+            response = envelope([c])
+            if options.return_token_ids:
+                response["prompt_token_ids"] = prompt
+            response["usage"] = self._usage(len(prompt), len(result.token_ids))
+            return response
+
+        async def chunks():
+            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}
+            head = envelope([first], chunk=True)
+            if options.return_token_ids:
+                head["prompt_token_ids"] = prompt
+            yield head
+            ids, texts = [], []
+            async for delta, text, finish in self._events(stream, stops):
+                ids += delta
+                texts.append(text)
+                if audio_out and finish is not None:
+                    audio = await audio_reply(ids, "".join(texts))
+                    yield envelope([{"index": 0, "delta": {"audio": audio}, "logprobs": None,
+                                     "finish_reason": None}], chunk=True)
+                if delta or text or finish:
+                    c = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
+                         "finish_reason": finish}
+                    if options.return_token_ids:
+                        c["token_ids"] = delta
+                    yield envelope([c], chunk=True)
+            if options.include_usage:
+                yield {**envelope([], chunk=True), "usage": self._usage(len(prompt), len(ids))}
+
+        return self._sse(chunks(), stream)
+
+    # -- audio ----------------------------------------------------------------------------------
+    async def _reply_tokens(self, request, prompt: list[int], params: SamplingParams, skip=()) -> _Result:
+        stream = await self._start(prompt, params, skip_text_ids=skip)
+        return await self._collect(request, stream, [])
+
+    async def audio_speech(self, request: Request):
+        body = await self._json(request)
+        self._need_tokenizer("/v1/audio/speech")
+        speech = self._need_speech("/v1/audio/speech", output=True)
+        fields = Fields(body)
+        text = fields.string("input")
+        if not text or not text.strip():
+            raise bad("input", "input must be a non-empty string (the text to speak)")
+        fields.string("voice")  # accepted for compatibility; the voice is the server's --voice-prompt
+        if fields.string("response_format", "wav") != "wav":
+            raise bad("response_format", f"response_format={body.get('response_format')!r}: only 'wav' is supported")
+        if fields.number("speed", 1.0) != 1.0:
+            raise bad("speed", "speed other than 1.0 is not supported")
+        message = [{"role": "user", "content": TEXT_TO_SPEECH.format(text=text.strip())}]
+        prompt = self.tokenizer.encode(self.template.render(message, force_modality="speech"))
+        eosp = self.engine.vocab.end_token("speech")
+        params, _ = protocol.sampling(fields, len(prompt), self.max_model_len, self.vocab_size,
+                                      defaults=chat_params("speech"), max_tokens_default=chat_params("speech")
+                                      .max_new_tokens, has_tokenizer=True, stop_ids=self._chat_stop_ids((eosp,)))
+        result = await self._reply_tokens(request, prompt, params)
+        return Response(await asyncio.to_thread(speech.synthesize, result.token_ids), media_type="audio/wav")
+
+    async def audio_transcriptions(self, request: Request):
+        self._authorize(request)
+        self._need_tokenizer("/v1/audio/transcriptions")
+        self._need_speech("/v1/audio/transcriptions", output=False)
+        try:
+            form = await request.form()
+        except APIError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a malformed multipart body
+            raise bad(None, f"expected a multipart/form-data body with a 'file': {err}") from None
+        self._check_model(form.get("model"))
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise bad("file", "file is required (the audio to transcribe, as wav)")
+        data = await upload.read()
+        fields = Fields({k: _form_value(k, v) for k, v in form.items() if k in ("temperature", "seed", "max_tokens")})
+        response_format = form.get("response_format") or "json"
+        if response_format not in ("json", "text"):
+            raise bad("response_format", f"response_format={response_format!r}, expected 'json' or 'text'")
+        spoken = await self._speech_string("file", data)
+        message = [{"role": "user", "content": SPEECH_TO_TEXT.format(speech=spoken)}]
+        prompt = self.tokenizer.encode(self.template.render(message))
+        defaults = dataclasses.replace(chat_params("text"), temperature=0.0)  # OpenAI's default: greedy
+        params, _ = protocol.sampling(fields, len(prompt), self.max_model_len, self.vocab_size, defaults=defaults,
+                                      max_tokens_default=defaults.max_new_tokens, has_tokenizer=True,
+                                      stop_ids=self._chat_stop_ids())
+        result = await self._reply_tokens(request, prompt, params, skip=params.stop_token_ids or ())
+        text = parse_reply(result.text, self.template).text if result.text else ""
+        if response_format == "text":
+            return PlainTextResponse(text)
+        return {"text": text}
+
+
+def _form_value(name: str, value):
+    """A multipart form's number field as JSON would carry it."""
+    try:
+        return float(value) if name == "temperature" else int(value)
+    except (TypeError, ValueError):
+        raise bad(name, f"{name}={value!r} is not a number") from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (its body has been read already)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def build_app(engine: AsyncEngine, **kwargs) -> FastAPI:
+    """The FastAPI application over an AsyncEngine (see OpenAIServer for the options)."""
+    return OpenAIServer(engine, **kwargs).app
+
+
+def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+        access_log: bool = False) -> None:
+    """Serves until SIGINT/SIGTERM; the engine then drains (for a bounded time) and stops."""
+    import uvicorn
+
+    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=10)

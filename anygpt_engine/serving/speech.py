@@ -1,0 +1,102 @@
+"""Speech for the server: wav bytes in (a SpeechTokenizer: level-1 codes as `<sosp>...<eosp>`),
+wav bytes out (a SpeechPipeline: SoundStorm + decoder), and AnyGPT's speech instructions.
+
+The instructions are the chat model's task prompts (AnyGPT's m_utils/prompter.py `task_prompts`,
+whose later 'Text-to-Speech' / 'Speech-to-Text' entries win): text to speech is
+"{text} Please read the given text." with the reply forced to start with <sosp>; speech to text is
+"{speech} Please transcribe the given speech.".
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import torch
+
+from anygpt_engine.codecs.tokens import speech_tokens
+
+TEXT_TO_SPEECH = "{text} Please read the given text."
+SPEECH_TO_TEXT = "{speech} Please transcribe the given speech."
+
+
+def wav_bytes(wav: torch.Tensor, sample_rate: int) -> bytes:
+    """16-bit PCM wav file bytes of [samples] float audio (clipped to [-1, 1])."""
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, wav.detach().float().cpu().clamp(-1, 1).numpy(), sample_rate, format="WAV",
+                    subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def read_wav_bytes(name: str, data: bytes) -> tuple[torch.Tensor, int]:
+    """float32 [channels, samples] and the rate of an audio file's bytes; ValueError naming
+    `name` when they are not audio soundfile can read."""
+    import soundfile
+
+    try:
+        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (RuntimeError, TypeError, ValueError) as err:  # soundfile.LibsndfileError is a RuntimeError
+        raise ValueError(f"{name} is not a readable audio file (expected wav): {err}") from None
+    if samples.shape[0] == 0:
+        raise ValueError(f"{name} holds no audio samples")
+    return torch.from_numpy(samples.T.copy()), int(rate)
+
+
+class SpeechIO:
+    """The server's speech codecs: `tokenizer` (SpeechTokenizer) turns input speech into prompt
+    tokens; `pipeline` (SpeechPipeline, needs SoundStorm) turns reply tokens into audio. Either
+    may be missing; the endpoints that need it then answer 400. Codec work runs one call at a
+    time (a lock), off the event loop."""
+
+    def __init__(self, tokenizer=None, pipeline=None, voice: torch.Tensor | None = None, vocab=None):
+        if pipeline is not None and tokenizer is None:
+            tokenizer = pipeline.tokenizer
+        self.tokenizer = tokenizer
+        self.pipeline = pipeline
+        self.voice = voice
+        self.vocab = vocab
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_files(cls, speech_tokenizer: tuple[str, str] | None, soundstorm: str | None,
+                   voice_prompt: str | None = None, device=None, vocab=None) -> "SpeechIO | None":
+        """From `anygpt-engine serve`'s flags (the chat command's: --speech-tokenizer CONFIG CKPT,
+        --soundstorm PT, --voice-prompt WAV). None when no speech tokenizer is given."""
+        if speech_tokenizer is None:
+            if soundstorm is not None or voice_prompt is not None:
+                raise ValueError("--soundstorm and --voice-prompt need --speech-tokenizer CONFIG CKPT")
+            return None
+        from anygpt_engine.codecs import SpeechTokenizer
+        from anygpt_engine.codecs.audio import read_wav
+        from anygpt_engine.models.soundstorm import SoundStorm
+        from anygpt_engine.pipelines import SpeechPipeline
+
+        tokenizer = SpeechTokenizer.from_pretrained(*speech_tokenizer, device=device)
+        pipeline = None
+        if soundstorm is not None:
+            pipeline = SpeechPipeline(SoundStorm.from_pretrained(soundstorm, device=device), tokenizer, vocab=vocab)
+        voice = None
+        if voice_prompt is not None:
+            if pipeline is None:
+                raise ValueError("--voice-prompt needs --soundstorm PT (it conditions speech output)")
+            voice = pipeline.voice_prompt(*read_wav(voice_prompt), max_seconds=3)
+        return cls(tokenizer, pipeline, voice, vocab)
+
+    def prompt_ids(self, wav: torch.Tensor, sample_rate: int) -> list[int]:
+        """`<sosp>` + level-1 ids + `<eosp>` of one utterance ([channels, samples], mixed to mono)."""
+        with self._lock:
+            codes = self.tokenizer.encode(wav.mean(dim=0, keepdim=True), sample_rate, levels=1)[0]
+            return speech_tokens(codes, self.vocab, markers=True).tolist()
+
+    def synthesize(self, reply_ids: list[int]) -> bytes:
+        """wav bytes of a reply's speech tokens (other tokens are ignored); a reply without any
+        gives a wav of no samples."""
+        vocab = self.pipeline.vocab
+        speech = [t for t in reply_ids if t in vocab.range("speech")]
+        rate = self.pipeline.sample_rate
+        if not speech:
+            return wav_bytes(torch.zeros(0), rate)
+        with self._lock:
+            return wav_bytes(self.pipeline.synthesize(speech, voice=self.voice), rate)

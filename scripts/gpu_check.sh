@@ -10,10 +10,11 @@
 #                                              # (their GPU tests, sanitizer, tuned benchmarks): ~8 min
 #   bash scripts/gpu_check.sh OUT_DIR beam     # beam search: its GPU test, then bench_beam.py at
 #                                              # anygpt-7b (5 beams, greedy and beam-sample): ~5 min
+#   bash scripts/gpu_check.sh OUT_DIR speech   # text -> speech end to end at anygpt-7b (bench_speech.py): ~4 min
 #   bash scripts/gpu_check.sh OUT_DIR serving  # the serving targets (needs wheels/serving, see
 #                                              # scripts/serving_wheels.sh): ~6 min
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUT_DIR [core|kernels|attention-rvq|beam|serving]}
+out=${1:?usage: scripts/gpu_check.sh OUT_DIR [core|kernels|attention-rvq|beam|speech|serving]}
 mode=${2:-core}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -57,7 +58,7 @@ case "$mode" in
       name=$(basename "$bench" .py)
       limit=40 extra=()
       case "$name" in
-        bench_beam) continue ;;  # end to end at 7B, in its own mode
+        bench_beam|bench_speech|bench_serving) continue ;;  # end to end at 7B, each in its own mode
         bench_soundstorm) limit=80 ;;
         bench_attention) limit=150 extra=(--write-tuning) ;;
         bench_rvq) limit=120 extra=(--write-tuning --sizes 2000 32000) ;;
@@ -79,6 +80,14 @@ case "$mode" in
     step bench_beam 240 python benchmarks/bench_beam.py --json "$out/bench_beam.json"
     step bench_beam_sample 240 python benchmarks/bench_beam.py --sample --json "$out/bench_beam_sample.json"
     ;;
+  speech)
+    # Text -> speech end to end at anygpt-7b (random weights): time to first audio (streaming), audio
+    # after the last token, level-1 encode of 10 s, against HF eager generate + plain-PyTorch
+    # SoundStorm in the same run (HF's 500 tokens at ~10 tok/s take most of it): ~4 min.
+    step pytest_speech 120 python -m pytest -q -p no:cacheprovider tests/test_speechtokenizer.py \
+      tests/test_speech_pipeline.py tests/test_encodec.py
+    step bench_speech 300 python benchmarks/bench_speech.py --json "$out/bench_speech.json"
+    ;;
   serving)
     # The serving targets (benchmarks/bench_serving.py: HTTP TPOT overhead at 16 streams and the
     # 1,000-request overload run, anygpt-7b), about 6 minutes. fastapi, uvicorn, python-multipart,
@@ -89,7 +98,7 @@ case "$mode" in
     step bench_serving 420 python benchmarks/bench_serving.py --json "$out/bench_serving.json" \
       --out-dir "$out/bench_serving"
     ;;
-  *) echo "unknown mode $mode (core, kernels, attention-rvq, beam or serving)"; exit 2 ;;
+  *) echo "unknown mode $mode (core, kernels, attention-rvq, beam, speech or serving)"; exit 2 ;;
 esac
 
 python - "$out" <<'PY'

@@ -24,14 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_speech(vocab=None):
     """A SpeechIO over a small random SoundStorm and SpeechTokenizer (1024 codes, the speech
     vocabulary's size), the same every time."""
-    from anygpt_engine import SoundStorm, SoundStormConfig, codecs
-    from anygpt_engine.models.speechtokenizer import SpeechTokenizerConfig
     from anygpt_engine.pipelines import SpeechPipeline
     from anygpt_engine.serving.speech import SpeechIO
+    from audio_models import small_speech_models
 
-    storm = SoundStorm(SoundStormConfig(dim=32, depth=1, heads=2, dim_head=16, conv_kernel_size=5)).eval()
-    storm.init_random(3)
-    tokenizer = codecs.SpeechTokenizer(SpeechTokenizerConfig(n_filters=4, dimension=32), None, device="cpu", seed=5)
+    storm, tokenizer = small_speech_models(seed=3)
     return SpeechIO(tokenizer, SpeechPipeline(storm, tokenizer, vocab=vocab), vocab=vocab)
 
 

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from anygpt_engine import SoundStorm, SoundStormConfig, Vocabulary, codecs
+from anygpt_engine import Vocabulary
 from anygpt_engine.chat.media import MediaOptions, encode_media_file, write_reply_span
 from anygpt_engine.chat.template import ReplySpan, modality_string
 from anygpt_engine.codecs.audio import read_wav, write_wav
-from anygpt_engine.models.speechtokenizer import SpeechTokenizerConfig
 from anygpt_engine.pipelines import SpeechPipeline
+from audio_models import save_tiny_encodec_32khz, small_speech_models
 from anygpt_tokenizers import sentencepiece_model, write_sentencepiece_dir
 from test_rvq_packages import package_module
 
@@ -31,24 +31,12 @@ def tone(seconds: float, rate: int, hz: float = 180.0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def speech():
-    storm = SoundStorm(SoundStormConfig(dim=32, depth=1, heads=2, dim_head=16, conv_kernel_size=5)).eval()
-    tokenizer = codecs.SpeechTokenizer(SpeechTokenizerConfig(n_filters=4, dimension=32), None, device="cpu", seed=2)
-    return storm, tokenizer
+    return small_speech_models(seed=2)
 
 
 @pytest.fixture(scope="module")
 def encodec_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.EncodecConfig(sampling_rate=32000, upsampling_ratios=[8, 5, 4, 4], codebook_size=2048,
-                                        target_bandwidths=[2.2], use_causal_conv=False, use_conv_shortcut=False,
-                                        num_filters=4, hidden_size=16, codebook_dim=16, num_lstm_layers=1)
-    model = transformers.EncodecModel(config).eval()
-    with torch.no_grad():
-        for layer in model.quantizer.layers:
-            layer.codebook.embed.normal_(0.0, 0.3)
-    root = tmp_path_factory.mktemp("encodec32")
-    model.save_pretrained(root)
-    return root
+    return save_tiny_encodec_32khz(tmp_path_factory.mktemp("encodec32"))
 
 
 def test_speech_in_and_out_with_a_cloned_voice(speech, tmp_path):

@@ -7,6 +7,7 @@ import torch
 
 from anygpt_engine import Vocabulary, codecs
 from anygpt_engine.pipelines import MusicPipeline
+from audio_models import save_tiny_encodec_32khz
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,17 +17,8 @@ SOMU, EOMU = VOCAB.start_token("music"), VOCAB.end_token("music")
 
 @pytest.fixture(scope="module")
 def music(tmp_path_factory):
-    torch.manual_seed(0)
-    config = transformers.EncodecConfig(sampling_rate=32000, upsampling_ratios=[8, 5, 4, 4], codebook_size=2048,
-                                        target_bandwidths=[2.2], use_causal_conv=False, use_conv_shortcut=False,
-                                        num_filters=4, hidden_size=16, codebook_dim=16, num_lstm_layers=1)
-    model = transformers.EncodecModel(config).eval()
-    with torch.no_grad():
-        for layer in model.quantizer.layers:  # zeros until trained
-            layer.codebook.embed.normal_(0.0, 0.3)
-    root = tmp_path_factory.mktemp("encodec32")
-    model.save_pretrained(root)
-    return MusicPipeline(codecs.Encodec.from_pretrained(root, device="cpu"))
+    return MusicPipeline(codecs.Encodec.from_pretrained(save_tiny_encodec_32khz(tmp_path_factory.mktemp("encodec32")),
+                                                        device="cpu"))
 
 
 def clip(seconds: float, rate: int) -> torch.Tensor:

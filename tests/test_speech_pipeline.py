@@ -7,9 +7,9 @@ count, start as soon as the first chunk's tokens exist and stop at <eosp>."""
 import pytest
 import torch
 
-from anygpt_engine import Engine, SamplingParams, SoundStorm, SoundStormConfig, Vocabulary, codecs
-from anygpt_engine.models.speechtokenizer import SpeechTokenizerConfig
+from anygpt_engine import Engine, SamplingParams, SoundStorm, SoundStormConfig, Vocabulary
 from anygpt_engine.pipelines import SpeechPipeline, StreamConfig, stream_tokens
+from audio_models import small_speech_models
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = Vocabulary.anygpt()
@@ -20,12 +20,7 @@ CODES = 64  # codebook size of the small models
 
 @pytest.fixture(scope="module")
 def speech():
-    storm = SoundStorm(SoundStormConfig(dim=32, depth=2, heads=2, dim_head=16, conv_kernel_size=5,
-                                        codebook_size=CODES)).eval()
-    storm.init_random(3)
-    tokenizer = codecs.SpeechTokenizer(SpeechTokenizerConfig(n_filters=4, dimension=32, codebook_size=CODES),
-                                       None, device="cpu", seed=5)
-    return SpeechPipeline(storm, tokenizer)
+    return SpeechPipeline(*small_speech_models(codebook_size=CODES, depth=2, seed=3))
 
 
 def reply(frames: int, seed: int) -> list[int]:
@@ -154,9 +149,7 @@ def test_bad_input(speech):
 @pytest.fixture(scope="module")
 def speech1024():
     """AnyGPT's codebook size, for replies the LLM samples (values 0..1023)."""
-    storm = SoundStorm(SoundStormConfig(dim=32, depth=1, heads=2, dim_head=16, conv_kernel_size=5)).eval()
-    tokenizer = codecs.SpeechTokenizer(SpeechTokenizerConfig(n_filters=4, dimension=32), None, device="cpu")
-    return SpeechPipeline(storm, tokenizer)
+    return SpeechPipeline(*small_speech_models())
 
 
 def test_speech_streams_from_the_engine_while_it_generates(speech1024):

@@ -21,9 +21,11 @@ import dataclasses
 from anygpt_engine.chat.template import ChatTemplate, Reply, parse_reply
 from anygpt_engine.sampling import SamplingParams
 
-# AnyGPT's chat text generation: config/generate_config.json, beam-sample with 5 beams (temperature 1,
-# top_p 1, transformers' default top_k 50, max 500, min 10). Beams deliver the reply whole at the end.
-CHAT_TEXT_PARAMS = SamplingParams.anygpt("text")
+# Text replies sample AnyGPT's chat generate_config (temperature 1, top_p 1, transformers' default
+# top_k 50, max 500, min 10) with one sequence, so they stream as they are generated. AnyGPT itself
+# runs that config as 5-beam beam-sample, which delivers a reply only when the search ends: pass
+# params=SamplingParams.anygpt("text") for exactly that.
+CHAT_TEXT_PARAMS = dataclasses.replace(SamplingParams.anygpt("text"), num_beams=1)
 
 
 def chat_params(to_modality: str = "text") -> SamplingParams:

@@ -314,10 +314,14 @@ def test_rope_kv_append_matches_reference(dtype, head_dim, pad):
     # Same float32 formula and one rounding: equal up to a last-ulp difference in cos/sin.
     tol = {torch.float32: 1e-6, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
     torch.testing.assert_close(q.view(tokens, hq, head_dim).float(), q_expected.float(), rtol=tol, atol=tol)
+    # k is rotated in place too (the C ABI's contract: packed prefill attends to it where the
+    # projection wrote it), padding and out-of-cache tokens included; the cache holds exactly it.
+    k_rotated = k.view(tokens, hkv, head_dim)
+    torch.testing.assert_close(k_rotated.float(), k_expected.float(), rtol=tol, atol=tol)
     keep = (slot_mapping >= 0) & (slot_mapping < slots)
-    torch.testing.assert_close(k_cache[slot_mapping[keep]].float(), k_expected[keep].float(), rtol=tol, atol=tol)
+    assert torch.equal(k_cache[slot_mapping[keep]], k_rotated[keep])
     assert torch.equal(v_cache[slot_mapping[keep]], v_before[keep])  # bit-exact copy
-    assert torch.equal(k.view(tokens, hkv, head_dim), k_before)  # k itself is not modified
+    assert torch.equal(v.view(tokens, hkv, head_dim), v_before)  # v is only read
     untouched = torch.ones(slots, dtype=torch.bool, device="cuda")
     untouched[slot_mapping[keep]] = False
     assert torch.isnan(k_cache[untouched].float()).all() and torch.isnan(v_cache[untouched].float()).all()

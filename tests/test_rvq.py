@@ -333,6 +333,7 @@ def test_decode_is_bit_identical_to_the_level_order_sum(face):
     assert torch.equal(bits(out), bits(expected))
 
 
+@pytest.mark.gpu_path
 @pytest.mark.parametrize("face", ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("levels,dim", [(11, 36), (35, 37)])
 def test_decode_many_levels_keeps_level_order(face, levels, dim):

@@ -21,7 +21,9 @@ PROMPTS = [[1, 5, 9, 200, 7], [1] + list(range(300, 317)), [1, 77, 78, SOSP]]
 PARAMS = [SamplingParams.greedy(5, stop_token_ids=()), SamplingParams.greedy(3, stop_token_ids=()),
           SamplingParams(temperature=0.8, top_k=20, repetition_penalty=1.1, seed=3, max_new_tokens=7,
                          stop_token_ids=())]
-ENGINE = dict(device="cpu", vocab=VOCAB, max_batch_size=4, max_num_batched_tokens=16)
+# Blocks of 4 tokens: decode contexts span several blocks, so their context splits and the
+# merge of them decide tokens (with blocks of 16 a mis-weighted merge went unseen).
+ENGINE = dict(device="cpu", vocab=VOCAB, max_batch_size=4, max_num_batched_tokens=16, block_size=4)
 
 
 def test_triton_faces_give_the_torch_paths_tokens(monkeypatch):

@@ -64,9 +64,6 @@ def test_bf16_head_is_float32_accumulation_of_the_rounded_norm(batch, hidden):
     got = lm_head(x, norm, 1e-5, weight, out=poison(torch.empty(batch, 700, device=DEV)), backend="triton")
     excess = (got.double() - expected).abs() - bound
     assert bool((excess <= 0).all()), f"{int((excess > 0).sum())} logits past the bound, worst by {excess.max():.3g}"
-    # The torch face rounds its logits to bfloat16: within half an ulp of the same dot, plus the bound.
-    reference = lm_head(x, norm, 1e-5, weight, backend="torch").double()
-    assert bool(((reference - expected).abs() <= 2**-8 * expected.abs() + bound).all())
 
 
 def test_restricted_head_never_reads_other_rows():

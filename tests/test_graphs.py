@@ -8,8 +8,9 @@ import contextlib
 import pytest
 import torch
 
-from anygpt_engine import Engine, ModelConfig, SamplingParams
+from anygpt_engine import Engine, ModelConfig, SamplingParams, Vocabulary
 from anygpt_engine.runtime.graphs import DecodeGraphs, DecodeInputs, bucket_for, buckets
+from anygpt_engine.vocab import ModalitySpan
 
 
 def test_buckets_are_powers_of_two_up_to_the_limit():
@@ -108,19 +109,25 @@ def test_graph_replay_gives_eager_tokens(monkeypatch):
     and a bucket is reused by a smaller batch than it last held; contexts grow past a width
     bucket (8 blocks of 4 tokens). Padding rows decode token 0 into the scratch block and sample
     into the scratch slot: every request's tokens equal the eager engine's, sampled ones included."""
-    config = ModelConfig.preset("tiny").replace(max_seq_len=64)  # 16 blocks of 4: widths 8 and 16
-    engine = dict(device="cpu", max_batch_size=8, block_size=4)
-    prompts = [[1, 5, 9, 200, 7], [1, 3], [1] + list(range(300, 320)), [1, 77, 78], [1, 9, 9, 9, 9, 10]]
+    # 16 blocks of 4 tokens a sequence (widths 8 and 16); a small vocabulary keeps the sampler cheap.
+    config = ModelConfig.preset("tiny").replace(max_seq_len=64, vocab_size=640, name="tiny-640")
+    engine = dict(device="cpu", max_batch_size=8, block_size=4,
+                  vocab=Vocabulary(640, {"speech": ModalitySpan(400, 200, 600, 601)}))
+    # The longest request decodes inside a speech span: alone at the end, its steps read only the
+    # span's LM head rows (the rows are a graph input too).
+    prompts = [[1, 5, 9, 200, 7], [1, 3], [1] + list(range(300, 320)) + [600], [1, 77, 78], [1, 9, 9, 9, 9, 10]]
     params = [SamplingParams.greedy(3, stop_token_ids=()),
               SamplingParams(temperature=0.9, top_k=30, top_p=0.9, repetition_penalty=1.1, seed=4,
                              max_new_tokens=14, stop_token_ids=()),
               SamplingParams.greedy(16, stop_token_ids=()),
               SamplingParams(temperature=1.0, seed=9, max_new_tokens=9, stop_token_ids=()),
               SamplingParams.anygpt("speech", seed=3, max_new_tokens=5)]
-    expected = Engine(config, **engine).generate(prompts, params)
+    eager = Engine(config, **engine)
+    expected = eager.generate(prompts, params)
     graphed = Engine(config, **engine)
     _stand_in_graphs(graphed, monkeypatch, [8, 16])
     assert len(graphed.graphs) == 4 * 2
     assert graphed.generate(prompts, params) == expected
+    assert graphed.head_rows_read == eager.head_rows_read < 640 * sum(len(o) - 1 for o in expected)
     used = graphed.graphs.used
-    assert {(8, 8), (4, 8), (2, 8)} <= used and (1, 16) in used  # 21 + 16 tokens outgrow 8 blocks
+    assert {(8, 8), (4, 8), (2, 8)} <= used and (1, 16) in used  # 22 + 16 tokens outgrow 8 blocks

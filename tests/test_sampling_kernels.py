@@ -167,7 +167,8 @@ MIXES = [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature
                                              (3000, "NVIDIA H100 80GB HBM3")])
 def test_same_tokens_and_state_as_reference(vocab, tuned_for):
     tuned = tuning.params_for("sampling", tuned_for)
-    with tuning.override("sampling", **{k: tuned[k] for k in ("triton_block", "triton_radix_bits", "triton_num_warps")}):
+    launch = ("triton_block", "triton_radix_bits", "triton_num_warps")
+    with tuning.override("sampling", **{k: tuned[k] for k in launch}):
         _same_tokens_and_state_as_reference(vocab)
 
 

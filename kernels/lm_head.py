@@ -7,6 +7,8 @@ restricted head is bit-identical to the full one on the rows it reads. Programs 
 are all outside the range only write -inf and never touch the weight.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -52,7 +54,11 @@ def _lm_head_kernel(out_ptr, x_ptr, norm_ptr, weight_ptr, rows_ptr, batch, hidde
         h = round_to(w_norm[None, :] * normed, dtype)
         w = tl.load(weight_ptr + v[:, None] * hidden + cols[None, :], mask=inside[:, None] & col_mask[None, :],
                     other=0.0)
-        acc += tl.dot(h, tl.trans(w), input_precision=DOT_PRECISION)  # ieee for float32: no tf32
+        if DOT_PRECISION == "ieee":  # float32 (no tf32), or 16-bit operands under the CPU interpreter,
+            # whose bfloat16 dot is broken: products of 16-bit values are exact in float32.
+            acc += tl.dot(h.to(tl.float32), tl.trans(w).to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(h, tl.trans(w), input_precision=DOT_PRECISION)
     tl.store(out_ptrs, tl.where(inside[None, :], acc, float("-inf")), mask=store_mask)
 
 
@@ -67,4 +73,9 @@ def lm_head(out, x, norm_weight, weight, rows, eps, block_v=64, block_k=128, num
     _lm_head_kernel[(triton.cdiv(vocab, block_v), triton.cdiv(batch, block_b))](
         out, x, norm_weight, weight, rows, batch, hidden, vocab, x.stride(0), eps,
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_K=block_k,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 or _interpreting() else "tf32", num_warps=num_warps,
+        num_stages=num_stages)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"

@@ -31,16 +31,30 @@ def scratch_tables(tmp_path, monkeypatch):
     tuning._table.cache_clear()
 
 
-def test_rvq_sweep_checks_codes_and_orders_faces(scratch_tables, monkeypatch):
+@pytest.mark.parametrize("fastest_tile,fastest_block", [(32, 16), (16, 32)])
+def test_rvq_sweep_checks_codes_and_records_the_fastest(scratch_tables, monkeypatch, fastest_tile, fastest_block):
+    """The sweep runs every candidate (its codes and decodes must be identical) and records the
+    fastest. Timings come from a table keyed by the candidate being timed (read from the tuning
+    override the sweep has active), so which one is fastest is known; both orders are tried."""
     bench = _load("bench_rvq")
     monkeypatch.setitem(bench.SHAPES, "speechtokenizer 8x1024x1024", (2, 40, 16))
     monkeypatch.setattr(bench, "ENCODE_TILES", [(16, 32, 16, 4, 4, 2, False), (32, 64, 16, 8, 4, 2, True)])
     monkeypatch.setattr(bench, "DECODE_BLOCKS", (16, 32))
+    shipped_block_m = tuning.params("rvq", torch.device("cpu"))["triton_block_m"]
+
+    def timed(fn, reps):
+        p = tuning.params("rvq", torch.device("cpu"))
+        if p["triton_block_m"] == shipped_block_m:  # a decode candidate
+            return 0.5 if p["decode_block_d"] == fastest_block else 2.0
+        return 1.0 if p["triton_block_m"] == fastest_tile else 3.0
+
+    monkeypatch.setattr(bench, "timed", timed)
     rows, values = bench.sweep(23, 1, torch.device("cpu"))
     assert [r["face"].split()[0] for r in rows] == ["triton"] * 4
     assert all(r["identical"] for r in rows)
+    assert sorted(r["ms"] for r in rows) == [0.5, 1.0, 2.0, 3.0]
     assert values["encode_faces"] == ["triton"] and values["decode_faces"] == ["triton"]
-    assert (values["triton_block_m"], values["decode_block_d"]) in {(16, 16), (16, 32), (32, 16), (32, 32)}
+    assert (values["triton_block_m"], values["decode_block_d"]) == (fastest_tile, fastest_block)
     tuning.write_gpu_entry("rvq", "Test GPU", values)
     assert json.loads((scratch_tables / "rvq.json").read_text())["gpus"]["Test GPU"] == values
 

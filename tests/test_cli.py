@@ -1,15 +1,28 @@
 """`anygpt-engine bench` end to end on the CPU default (tiny), as a user runs it."""
 
+import importlib.metadata
 import json
+import shutil
+import statistics
 import subprocess
-import sys
+import sysconfig
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from anygpt_engine import bench, cli
 
 
-def test_bench_reports_and_writes_json(tmp_path, capsys):
+def test_bench_reports_and_writes_json(tmp_path, capsys, monkeypatch):
+    runs = []  # what the timed run measured, to check the report's statistics against
+
+    def recorded(*args, **kwargs):
+        runs.append(run_engine(*args, **kwargs))
+        return runs[-1]
+
+    run_engine = bench.run_engine
+    monkeypatch.setattr(bench, "run_engine", recorded)
     out = tmp_path / "bench.json"
     assert cli.main(["bench", "--new-tokens", "6", "--prompt-len", "9", "--batch-size", "3", "--json", str(out),
                      "--no-progress", "--device", "cpu"]) == 0
@@ -19,7 +32,13 @@ def test_bench_reports_and_writes_json(tmp_path, capsys):
     for key in ("ttft_ms", "decode_tok_s", "step_ms_p50", "step_ms_p99", "achieved_gb_s", "copy_bandwidth_gb_s"):
         assert report[key] > 0, key
         assert key in table
-    assert report["step_ms_p99"] >= report["step_ms_p50"]
+    timed = runs[-1]  # after the warm-up run
+    steps = timed["step_s"]
+    assert len(steps) == 5 and [len(o) for o in timed["outputs"]] == [6] * 3  # the first token is not a step
+    assert report["ttft_ms"] == pytest.approx(timed["ttft_s"] * 1e3)
+    assert report["step_ms_p50"] == pytest.approx(statistics.median(steps) * 1e3)
+    assert report["step_ms_p99"] == pytest.approx(max(steps) * 1e3)  # nearest rank of 5 steps: the slowest
+    assert report["decode_tok_s"] == pytest.approx(3 * 5 / sum(steps))
     assert 0 < report["fraction_of_copy_bandwidth"] < 5
     # Weights read per step: every parameter but the embedding table, plus the batch's rows of it.
     hidden = 128
@@ -43,10 +62,23 @@ def test_bench_rejects_bad_options(capsys):
     assert "new_tokens=1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.99, 1.0])
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 201])
+def test_percentile_is_the_nearest_rank(q, n):
+    values = list(np.random.default_rng(n).permutation(n) * 0.5 + 1.0)
+    assert bench._percentile(values, q) == np.percentile(values, q * 100, method="nearest")
+
+
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "anygpt_engine.cli", "bench", "--help"], capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0 and "--compare" in result.stdout
+    """The `anygpt-engine` command itself (the console-script entry point pip installs), not
+    `python -m anygpt_engine.cli`."""
+    [entry] = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "anygpt-engine"]
+    assert entry.value == "anygpt_engine.cli:main" and entry.load() is cli.main
+    script = Path(sysconfig.get_path("scripts")) / "anygpt-engine"
+    script = str(script) if script.exists() else shutil.which("anygpt-engine")
+    assert script, "the anygpt-engine command is not installed (pip install -e .)"
+    result = subprocess.run([script, "bench", "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--compare" in result.stdout, result.stderr
 
 
 def test_bench_in_a_speech_span_reads_only_speech_rows():

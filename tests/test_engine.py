@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anygpt_engine import Engine, ModelConfig, SamplingParams
+from anygpt_engine.weights import hf_state_dict
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,26 @@ def test_bad_inputs_raise_clear_errors(engine):
         Engine("nope")
     with pytest.raises(ValueError, match="dtype='int8'"):
         Engine("tiny", device="cpu", dtype="int8")
+
+
+def test_weights_dict_round_trips_through_hf_names(engine):
+    """hf_state_dict exports the engine's fused layout (q/k/v and gate/up stacked) under HF names,
+    and Engine(weights=dict) loads those back: a differently seeded engine given them computes the
+    same logits bit for bit and the same tokens. (GPU tests copy CPU weights this way.)"""
+    weights = hf_state_dict(engine.model, engine.config)
+    assert len(weights) == 3 + 9 * engine.config.num_layers
+    c = engine.config
+    assert weights["model.layers.1.self_attn.k_proj.weight"].shape == (c.num_kv_heads * c.head_dim, c.hidden_size)
+    other = Engine("tiny", device="cpu", seed=7, max_batch_size=1)
+    prompt = [1, 40, 41, 7, 1000]
+    assert not torch.equal(other.logits(prompt), engine.logits(prompt))
+    loaded = Engine("tiny", weights=weights, device="cpu", seed=7, max_batch_size=1)
+    assert torch.equal(loaded.logits(prompt), engine.logits(prompt))
+    params = SamplingParams.greedy(6, stop_token_ids=())
+    assert loaded.generate([prompt], params) == engine.generate([prompt], params)
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match=r"missing 1 tensors: \['layers.0.w13 \(slots \[1\]\)'\]"):
+        Engine("tiny", weights=weights, device="cpu", max_batch_size=1)
 
 
 def test_prompt_types_are_accepted(engine):

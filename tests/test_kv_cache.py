@@ -123,19 +123,47 @@ def test_prefix_match_never_covers_the_last_token():
     assert len(m.match_prefix(tokens + [9])) == 2
 
 
+def _cache_prefix(m, seq, tokens):
+    """Runs a sequence over `tokens` and ends it: its full blocks stay cached."""
+    m.admit(seq, tokens)
+    m.grow(seq, len(tokens) - m.tables[seq].num_tokens)
+    m.commit(seq, tokens)
+    m.free(seq)
+
+
 def test_cached_blocks_are_evicted_least_recently_used_first():
+    """Three cached one-block prefixes a, b, c (cached in that order), then a used again: the
+    order of last use is b, c, a. Taking the free blocks and then one, two, three more evicts b,
+    then c, then a; the prefixes still cached are the ones a lookup still finds."""
+    m = BlockManager(num_blocks=8, block_size=BS)  # 7 usable
+    prefixes = {name: [base + i for i in range(BS)] for name, base in (("a", 10), ("b", 20), ("c", 30))}
+    for name in "abc":
+        _cache_prefix(m, name, prefixes[name] + [99])  # one full block, one partial (freed, not cached)
+    _cache_prefix(m, "a again", prefixes["a"] + [98])  # a is revived from the cache, then cached anew
+    assert m.num_cached() == 3 and m.num_free() == 4
+
+    def cached():
+        return {name for name, tokens in prefixes.items() if m.match_prefix(tokens + [0])}
+
+    m.admit("big", [7] * 4 * BS)
+    m.grow("big", 4 * BS)  # the 4 free blocks
+    assert cached() == {"a", "b", "c"}
+    for evicted, left in (("b", {"a", "c"}), ("c", {"a"}), ("a", set())):
+        m.grow("big", BS)
+        m.check()
+        assert cached() == left, f"expected {evicted} evicted"
+
+
+def test_a_freed_sequence_leaves_its_prefix_head_cached_longest():
+    """free() hands a sequence's blocks to the LRU tail first: under pressure the cache gives up
+    the end of a prefix before its start, which later prompts can still share."""
     m = BlockManager(num_blocks=5, block_size=BS)  # 4 usable
-    for seq in range(2):
-        tokens = [seq * 10 + i for i in range(BS)] + [99]
-        m.admit(seq, tokens)
-        m.grow(seq, len(tokens))
-        m.commit(seq, tokens)
-        m.free(seq)
-    assert m.num_cached() == 2 and m.num_free() == 2
-    m.admit("big", [7] * 13)
-    m.grow("big", 13)  # 4 blocks: both free ones, then the older cached one... and the newer
-    m.check()
-    assert m.num_cached() == 0 and m.num_used() == 4
+    tokens = list(range(2 * BS)) + [99]
+    _cache_prefix(m, "seq", tokens)  # two full blocks cached, the partial third freed
+    assert len(m.match_prefix(tokens)) == 2 and m.num_free() == 2
+    m.admit("other", [7] * 3 * BS)
+    m.grow("other", 3 * BS)  # both free blocks, then one cached block
+    assert len(m.match_prefix(tokens)) == 1  # the head block survived
 
 
 def test_kv_cache_rejects_bad_sizes():

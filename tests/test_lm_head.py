@@ -1,12 +1,17 @@
 """The fused final-norm + LM head: restricted to a modality's rows it equals the full head on
-those rows (bit for bit in each face) and never reads the others."""
+those rows (bit for bit in each face) and never reads the others; bfloat16 (the GPU default) is
+float32 accumulation of the normed input rounded at HF's points. Every test runs on the GPU when
+one is present (gpu_path), on the CPU otherwise."""
 
 import pytest
 import torch
 
 from anygpt_engine import Vocabulary
 from anygpt_engine.ops.lm_head import lm_head, lm_head_reference
+from anygpt_engine.ops.rms_norm import rms_norm_reference
 from conftest import HAS_GPU, poison
+
+pytestmark = pytest.mark.gpu_path
 
 DEV = "cuda" if HAS_GPU else "cpu"
 
@@ -20,8 +25,8 @@ def _inputs(batch, hidden, vocab, dtype, seed=0):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("batch", [1, 7, 33, 70])
+@pytest.mark.parametrize("dtype,batch", [(dtype, batch) for dtype in (torch.float32, torch.float16)
+                                         for batch in (1, 7, 33, 70)] + [(torch.bfloat16, 7), (torch.bfloat16, 33)])
 def test_restricted_rows_equal_the_full_head(backend, dtype, batch):
     x, norm, weight = _inputs(batch, 192, 1000, dtype)
     full = lm_head(x, norm, 1e-5, weight, out=poison(torch.empty(batch, 1000, device=DEV)), backend=backend)
@@ -41,6 +46,24 @@ def test_triton_matches_reference(dtype, tol):
     ref = lm_head_reference(x, norm, 1e-5, weight)
     got = lm_head(x, norm, 1e-5, weight, backend="triton")
     torch.testing.assert_close(got, ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("batch,hidden", [(1, 2048), (5, 1000), (33, 256)])
+def test_bf16_head_is_float32_accumulation_of_the_rounded_norm(batch, hidden):
+    """In bfloat16 the head rounds the normed input where HF does (ops.rms_norm), then sums the
+    products in float32. Against a float64 dot of those same bfloat16 values, each logit may be off
+    by float32 accumulation (hidden * 2^-23 of sum |h w|, any order, truncation allowed) plus one
+    bfloat16 ulp of the largest product (the norm's float32 scale may land an ulp away from the
+    reference's and flip a rounding). A flat tolerance would not see a lost k tile; this does."""
+    x, norm, weight = _inputs(batch, hidden, 700, torch.bfloat16, seed=hidden)
+    h = rms_norm_reference(x, norm, 1e-5)[0].double()
+    products = h.abs() @ weight.double().abs().T
+    bound = hidden * 2**-23 * products + 2**-7 * (h.abs().max(1, keepdim=True).values
+                                                   * weight.double().abs().max(1).values)
+    expected = h @ weight.double().T
+    got = lm_head(x, norm, 1e-5, weight, out=poison(torch.empty(batch, 700, device=DEV)), backend="triton")
+    excess = (got.double() - expected).abs() - bound
+    assert bool((excess <= 0).all()), f"{int((excess > 0).sum())} logits past the bound, worst by {excess.max():.3g}"
 
 
 def test_restricted_head_never_reads_other_rows():

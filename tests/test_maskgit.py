@@ -5,7 +5,8 @@ checks in Python and in the C ABI, and CUDA-graph capture."""
 import pytest
 import torch
 
-from anygpt_engine import ops
+from anygpt_engine import ops, tuning
+from anygpt_engine.ops import maskgit
 from anygpt_engine.ops._extension import extension
 from conftest import HAS_GPU, poison
 
@@ -105,6 +106,52 @@ def test_padding_positions_are_never_touched():
         frames = torch.arange(codes.shape[1]).view(1, -1, 1)
         padded = (frames >= lengths.view(-1, 1, 1)).expand_as(codes)
         assert torch.equal(new_codes[padded], codes[padded]) and torch.equal(new_open[padded], open_mask[padded])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_selection_across_position_blocks(device, ties):
+    """The Triton selection walks an item's positions in blocks of triton_select_block: the
+    count-th largest confidence, and the ties at it, are found across blocks. With ties every
+    position has the same confidence, so exactly the first `count` positions are re-masked. On a
+    GPU: the shipped block of 4,096 and 4,480 positions, both faces (no other test passes one
+    block). On the CPU the same loop with blocks of 8 over 28 positions (the interpreter takes
+    ~0.1 s a position)."""
+    n, select_block, counts = (640, 4096, [4100, 2900]) if device == "cuda" else (4, 8, [19, 10])
+    b, q, v = 2, 7, 16
+    g = torch.Generator().manual_seed(n)
+    if ties:
+        logits = torch.randn(1, 1, v, generator=g).expand(b, n * q, v).contiguous()
+    else:
+        logits = torch.randn(b, n * q, v, generator=g) * 2
+    codes = torch.randint(0, v + 1, (b, n, q), generator=g)
+    open_mask = torch.ones(b, n, q, dtype=torch.bool) if ties else torch.rand(b, n, q, generator=g) > 0.3
+    case = [t.to(device) for t in (logits, codes, open_mask, torch.tensor([n, n - 3]), torch.tensor([0, 1]),
+                                   torch.tensor(counts), torch.tensor([5, 6]))]
+    kw = dict(counter=0, temperature=0.0, greedy=True, keep=5, level=q - 1)  # re-masks only what it selects
+    expected = _run(case, "torch", **kw)
+    if ties:
+        assert expected[1][0].view(-1).tolist() == [True] * counts[0] + [False] * (n * q - counts[0])
+    with tuning.override("maskgit", triton_select_block=select_block):
+        for backend in ("triton", "cuda") if device == "cuda" else ("triton",):
+            got = _run(case, backend, **kw)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), backend
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_codebooks_wider_than_the_cuda_kernel_fall_back_to_triton(monkeypatch, device):
+    """The CUDA step keeps a row in one warp (at most CUDA_MAX_CODEBOOK logits): wider codebooks
+    dispatched to CUDA run on Triton, and an explicit backend='cuda' says why. On the CPU the
+    dispatcher is made to answer 'cuda', as it does on a GPU."""
+    if device == "cpu":
+        monkeypatch.setattr(maskgit._backend, "choose", lambda op, dev, requested, preferred, supported: "cuda")
+    case = _case(b=2, n=2, q=2, v=maskgit.CUDA_MAX_CODEBOOK * 2, seed=8, device=device)
+    kw = dict(STEP, keep=600, greedy=False)
+    expected = _run(case, "torch", **kw)
+    got = _run(case, None, **kw)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    with pytest.raises(ValueError, match=r"logits.shape\[-1\]=2048: the CUDA maskgit_step holds a row in one warp"):
+        _run(case, "cuda", **STEP)
 
 
 # -- argument checks ---------------------------------------------------------------------------

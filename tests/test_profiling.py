@@ -1,6 +1,10 @@
 """NVTX ranges: named as documented when on, absent and harmless when off."""
 
+import sys
+import types
+
 import pytest
+import torch
 
 from anygpt_engine import Engine, SamplingParams, profiling
 
@@ -31,15 +35,26 @@ def test_off_by_default_and_harmless_without_a_profiler(monkeypatch):
     with profiling.nvtx_range("anygpt/step"):
         pass
     assert calls == []
-    # Asking for ranges where no NVTX implementation exists just reports they are off.
-    was = profiling.enabled()
-    try:
-        on = profiling.enable(True)
-        assert on in (True, False)
-        with profiling.nvtx_range("anygpt/step"):
-            pass
-    finally:
-        profiling.enable(was)
+
+
+def test_enable_reports_whether_an_nvtx_implementation_exists(monkeypatch):
+    """enable(True) is on exactly when the nvtx package or a CUDA device provides ranges: without
+    either it reports off and ranges stay no-ops; with one, ranges reach it."""
+    for name in ("_enabled", "_push", "_pop"):  # enable() rebinds these; restored afterwards
+        monkeypatch.setattr(profiling, name, getattr(profiling, name))
+    monkeypatch.setitem(sys.modules, "nvtx", None)  # `import nvtx` raises ImportError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert profiling.enable(True) is False and profiling.enabled() is False
+    assert profiling.nvtx_range("anygpt/step") is profiling.nvtx_range("anygpt/prefill")  # the shared no-op
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "nvtx", types.SimpleNamespace(push_range=calls.append,
+                                                                   pop_range=lambda: calls.append(None)))
+    assert profiling.enable(True) is True and profiling.enabled() is True
+    with profiling.nvtx_range("anygpt/step"):
+        calls.append("inside")
+    assert calls == ["anygpt/step", "inside", None]
+    assert profiling.enable(False) is False and profiling.enabled() is False
 
 
 def test_profile_command_runs(capsys):

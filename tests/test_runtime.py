@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from anygpt_engine import Engine, ModelConfig, SamplingParams
+from greedy_margin import assert_greedy_agree_where_margins_allow
 
 GREEDY = SamplingParams.greedy(12, stop_token_ids=())
 PROMPTS = [[1, 5, 9, 200, 7], [1, 3], [1] + list(range(300, 340)), [1, 77, 78], [1, 9, 9, 9, 9, 9, 9, 9, 9, 10]]
@@ -180,3 +181,23 @@ def test_decode_inside_a_modality_span_reads_only_its_head_rows():
         expected += 2 * (1026 if both_open else 53516)
     assert engine.head_rows_read == expected
     assert expected < 2 * 9 * 53516
+
+
+def test_greedy_margin_rule_allows_near_ties_only(reference):
+    """The rule the GPU tests compare rounding-different paths by (tests/greedy_margin.py): equal
+    tokens pass; a divergence passes only where both picks are within 2 delta of the best logit."""
+    engine = Engine("tiny", device="cpu", max_batch_size=1)
+    prompts = PROMPTS[:2]
+    assert assert_greedy_agree_where_margins_allow(reference[:2], reference[:2], prompts, engine, 1e-4) == 24
+    step = 3
+    logits = engine.logits(prompts[0] + reference[0][:step])[-1]
+    top = logits.topk(2)
+    assert top.indices[0].item() == reference[0][step]
+    gap = (top.values[0] - top.values[1]).item() / logits.abs().max().item()
+    runner_up = [reference[0][:step] + [top.indices[1].item()] + [0] * (11 - step), reference[1]]
+    assert assert_greedy_agree_where_margins_allow(runner_up, reference[:2], prompts, engine, 0.6 * gap) == step + 12
+    with pytest.raises(AssertionError, match="a decision with margin, so one path is wrong"):
+        assert_greedy_agree_where_margins_allow(runner_up, reference[:2], prompts, engine, 0.4 * gap)
+    far_off = [reference[0][:step] + [logits.argmin().item()] + [0] * (11 - step), reference[1]]
+    with pytest.raises(AssertionError, match=f"at new token {step} got picked"):
+        assert_greedy_agree_where_margins_allow(far_off, reference[:2], prompts, engine, 0.05)

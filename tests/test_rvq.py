@@ -333,6 +333,7 @@ def test_decode_is_bit_identical_to_the_level_order_sum(face):
     assert torch.equal(bits(out), bits(expected))
 
 
+@pytest.mark.gpu_path
 @pytest.mark.parametrize("face", ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("levels,dim", [(11, 36), (35, 37)])
 def test_decode_many_levels_keeps_level_order(face, levels, dim):
@@ -454,6 +455,23 @@ def test_c_abi_checks_its_arguments():
             ext.rvq_decode_cuda(res.data_ptr(), codes.data_ptr(), cb.data_ptr(), 4, 8, 2, 0, 2, 10, 0)
         with pytest.raises(RuntimeError, match=expected):
             ext.rvq_prepare_cuda(ws.data_ptr(), ws_bytes, cb.data_ptr(), 2, 10, 8, 0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_encode_wider_than_the_cuda_kernel_falls_back_to_triton(monkeypatch, device):
+    """The CUDA encoder keeps rows of at most CUDA_MAX_DIM values in shared memory: wider codebooks
+    dispatched to CUDA are encoded by Triton instead, and an explicit backend='cuda' says why. On
+    the CPU the dispatcher is made to answer 'cuda', as it does on a GPU."""
+    if device == "cpu":
+        monkeypatch.setattr(rvq._backend, "choose", lambda op, dev, requested, preferred, supported: "cuda")
+    dim = rvq.CUDA_MAX_DIM + 16
+    cb = ops.RVQCodebooks(make_codebooks(2, 24, dim, seed=40).to(device))
+    x = random_frames(3, dim, seed=41).to(device)
+    expected = ops.rvq_encode_reference(x, cb)
+    with tuning.override("rvq", encode_faces=["cuda", "triton"]):
+        assert_same_encoding(ops.rvq_encode(x, cb, return_quantized=True, return_residual=True), expected)
+        with pytest.raises(ValueError, match=f"codebooks dim={dim}: the CUDA rvq_encode holds rows of at most"):
+            ops.rvq_encode(x, cb, backend="cuda")
 
 
 # ---- GPU ------------------------------------------------------------------------------------

@@ -195,9 +195,9 @@ def cases(gpu: str) -> list[Case]:
 
 def gemv_cases(g: dict) -> list[Case]:
     """The decode GEMV (ops.linear) for each weight format on each inner product the tuning picks
-    by M (FMA for M=1 and 2, the padded dot for M=4..16, the tiled GEMM for quantized prefill),
-    with the heaviest fusions (RMSNorm prologue + SiLU*up: two accumulations per program), the
-    residual epilogue, and the fused qkv + RoPE + KV append; 7B shapes (K 4096 or 11008)."""
+    by M (FMA for M=1 and 2, the padded dot up to max_m, the tiled GEMM for quantized prefill),
+    mostly with the heaviest fusions (RMSNorm prologue + SiLU*up: two accumulations per program),
+    and the fused qkv + RoPE + KV append; 7B shapes."""
     from anygpt_engine.ops.gemv import _blocks
 
     weights = {"bf16": (gemv.FLOAT, "*bf16", "*bf16", "*bf16"), "int8": (gemv.INT8, "*i8", "*fp32", "*u8"),
@@ -210,22 +210,24 @@ def gemv_cases(g: dict) -> list[Case]:
                           BLOCK_M=b["block_m"], BLOCK_N=b["block_n"], BLOCK_K=b["block_k"], GROUP=128)
         return b, constexprs
 
-    shapes = [(1, "m1"), (2, "m2"), (g["dot_min_m"], "dot"), (16, "m16"), (g["max_m"] + 1, "gemm")]
+    # (M, label, epilogue): the FMA path at M=1 and 2, the padded dot at M=16, the GEMM above max_m
+    shapes = [(1, "m1", gemv.SILU_MUL), (2, "m2", gemv.RESIDUAL), (16, "m16", gemv.SILU_MUL),
+              (g["max_m"] + 1, "gemm", gemv.SILU_MUL)]
     for fmt, (code, w_type, s_type, z_type) in weights.items():
-        for m, label in shapes:
+        for m, label, epilogue in shapes:
             if label == "gemm" and fmt == "bf16":
                 continue  # 16-bit weights take cuBLAS above the crossover
-            for epilogue, norm in ((gemv.SILU_MUL, True), (gemv.RESIDUAL, False)):
-                b, constexprs = launch(m, fmt)
-                out.append(Case(
-                    f"gemv {fmt} {label} {'silu_mul+norm' if epilogue == gemv.SILU_MUL else 'residual'}",
-                    gemv._gemv_kernel,
-                    dict(out_ptr="*bf16", x_ptr="*bf16", w_ptr=w_type, scale_ptr=s_type, zero_ptr=z_type,
-                         norm_ptr="*bf16", M="i32", N_OUT="i32", K="i32", x_stride="i32", out_stride="i32",
-                         eps="fp32"),
-                    dict(WEIGHT=code, NORM=norm, EPILOGUE=epilogue, **constexprs), b["num_warps"], b["num_stages"],
-                    ("N_OUT", "K"), dots=label == "gemm"))
-        for m, label in ((1, "m1"), (16, "m16")):
+            norm = epilogue == gemv.SILU_MUL
+            b, constexprs = launch(m, fmt)
+            out.append(Case(
+                f"gemv {fmt} {label} {'silu_mul+norm' if epilogue == gemv.SILU_MUL else 'residual'}",
+                gemv._gemv_kernel,
+                dict(out_ptr="*bf16", x_ptr="*bf16", w_ptr=w_type, scale_ptr=s_type, zero_ptr=z_type,
+                     norm_ptr="*bf16", M="i32", N_OUT="i32", K="i32", x_stride="i32", out_stride="i32",
+                     eps="fp32"),
+                dict(WEIGHT=code, NORM=norm, EPILOGUE=epilogue, **constexprs), b["num_warps"], b["num_stages"],
+                ("N_OUT", "K"), dots=label == "gemm"))
+        for m, label in ((1, "m1"), (16, "m16")) if fmt in ("bf16", "int4") else ():
             b, constexprs = launch(m, fmt)
             constexprs["BLOCK_N"] = min(g["rope_block_n"], 64)
             out.append(Case(
@@ -235,7 +237,7 @@ def gemv_cases(g: dict) -> list[Case]:
                      inv_freq_ptr="*fp32", M="i32", K="i32", x_stride="i32", num_slots="i32", eps="fp32"),
                 dict(Q_HEADS=32, KV_HEADS=32, HEAD_DIM=128, WEIGHT=code, NORM=True, **constexprs), b["num_warps"],
                 b["num_stages"], ("K",)))
-    for m, label in ((1, "m1"), (16, "m16")):  # float32 engines on a GPU
+    for m, label in ((1, "m1"),):  # float32 engines on a GPU
         b, constexprs = launch(m, "bf16", "fp32")
         out.append(Case(
             f"gemv fp32 {label} silu_mul+norm", gemv._gemv_kernel,

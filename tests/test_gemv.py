@@ -275,6 +275,37 @@ def test_linear_argument_errors():
                               torch.ones(16, device=DEV), 2)
 
 
+def test_cuda_entry_checks_its_arguments_first():
+    """The C ABI rejects bad arguments with messages before it touches memory or a device."""
+    from anygpt_engine.ops._extension import extension
+
+    c = extension()
+    if not c.built_with_cuda:
+        pytest.skip("anygpt_engine._C built without CUDA kernels")
+    x, w = torch.zeros(2, 256, dtype=torch.bfloat16), torch.zeros(64, 256, dtype=torch.bfloat16)
+    out = torch.zeros(2, 64, dtype=torch.bfloat16)
+
+    def call(m=2, k=256, weight=w.data_ptr(), fmt=0, scales=0, epilogue=0, threads=128):
+        c.gemv_cuda(out.data_ptr(), x.data_ptr(), weight, scales, 0, 0, m, 64, k, 256, 64, 1e-5, c.BFLOAT16, fmt,
+                    epilogue, threads, 0)
+
+    with pytest.raises(ValueError, match=r"m=17, expected 0..16 rows"):
+        call(m=17)
+    with pytest.raises(ValueError, match=r"k=100, expected a positive multiple of 8"):
+        call(k=100)
+    with pytest.raises(ValueError, match=r"scales must be a non-null pointer"):
+        call(fmt=1)
+    with pytest.raises(ValueError, match=r"is not 16-byte aligned"):
+        call(weight=w.data_ptr() + 2)
+    with pytest.raises(ValueError, match=r"epilogue=3"):
+        call(epilogue=3)
+    with pytest.raises(ValueError, match=r"threads=96"):
+        call(threads=96)
+    if not HAS_GPU:  # valid arguments reach the device probe
+        with pytest.raises(RuntimeError, match="no usable CUDA device"):
+            call()
+
+
 # -- GPU -----------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", MODES)

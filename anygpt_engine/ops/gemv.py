@@ -150,13 +150,11 @@ def _interpreting() -> bool:
 
 
 def _cuda_supports(x2: torch.Tensor, weight, m: int) -> bool:
-    """Shapes the CUDA GEMV takes: M <= 16 and rows it can read as 16-byte vectors."""
-    k = x2.shape[1]
-    vector = 16 // x2.element_size()  # x elements per 16-byte load
-    if isinstance(weight, QuantizedWeight):
-        vector = max(vector, 32 if weight.mode == "int4" else 16)
-    return (m <= CUDA_MAX_M and k % vector == 0 and x2.data_ptr() % 16 == 0
-            and (x2.shape[0] <= 1 or x2.stride(0) % (16 // x2.element_size()) == 0))
+    """Shapes the CUDA GEMV takes: M <= 16 and weight rows it reads as aligned 16-byte vectors."""
+    qweight = weight.qweight if isinstance(weight, QuantizedWeight) else weight
+    values = {None: 16 // x2.element_size(), "int8": 16, "fp8": 16, "int4": INT4_GROUP}[
+        weight.mode if isinstance(weight, QuantizedWeight) else None]
+    return m <= CUDA_MAX_M and x2.shape[1] % values == 0 and qweight.data_ptr() % 16 == 0
 
 
 def _face(op: str, x2, weight, m: int, backend: str | None, rope: bool = False) -> str:

@@ -232,8 +232,9 @@ def _unpack(weight):
     return weight, None, None, ""
 
 
-def _blocks(params: dict, m: int, fmt: str) -> dict:
-    """Tile sizes and inner product for M rows (the tuning table's per-M choices)."""
+def _blocks(params: dict, m: int, fmt: str, k: int | None = None) -> dict:
+    """Tile sizes and inner product for M rows (the tuning table's per-M choices); the K step
+    is never longer than K itself needs."""
     if m > params["max_m"]:  # quantized GEMM above the crossover
         block = dict(dot=True, block_m=params["gemm_block_m"], block_n=params["gemm_block_n"],
                      block_k=params["gemm_block_k"], num_warps=params["gemm_warps"], num_stages=params["gemm_stages"])
@@ -246,6 +247,8 @@ def _blocks(params: dict, m: int, fmt: str) -> dict:
         block = dict(dot=False, block_m=block_m, block_n=block_n,
                      block_k=max(16, params["fma_elements"] // (block_m * block_n)), num_warps=params["fma_warps"],
                      num_stages=params["fma_stages"])
+    if k is not None:
+        block["block_k"] = min(block["block_k"], max(16, 1 << (k - 1).bit_length()))
     if fmt == "int4":  # whole groups per step
         block["block_k"] = max(INT4_GROUP, block["block_k"] // INT4_GROUP * INT4_GROUP)
     return block
@@ -266,7 +269,7 @@ def _linear_kernel(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sca
 
         kernels.gemv(out, x, weight, scales, zeros, norm_weight, eps, weight_format=_FORMATS[fmt or None],
                      epilogue=_EPILOGUES[epilogue or None], n_out=n_out, dot_in_fp32=_interpreting(),
-                     group=INT4_GROUP, **_blocks(params, m, fmt or None))
+                     group=INT4_GROUP, **_blocks(params, m, fmt or None, k))
         return
     extension().gemv_cuda(out.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if scales is None else scales.data_ptr(),
                           0 if zeros is None else zeros.data_ptr(), 0 if norm_weight is None else norm_weight.data_ptr(),
@@ -352,7 +355,7 @@ def _qkv_rope_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     params = tuning.params("gemv", x.device)
     m = x.shape[0]
-    blocks = _blocks(params, m, fmt or None)
+    blocks = _blocks(params, m, fmt or None, x.shape[1])
     blocks["block_n"] = min(params["rope_block_n"], q.shape[2] // 2)
     record("linear_rope_kv_append", 1)
     kernels.qkv_rope(q, k_cache, v_cache, x, weight, scales, zeros, norm_weight, eps, positions, slot_mapping,

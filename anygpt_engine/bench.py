@@ -43,13 +43,28 @@ def git_sha() -> str:
         return "unknown"
 
 
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+_L2_FLUSH_BYTES = 256 << 20  # several times any current GPU's L2 (H100: 50 MB, H200: 60 MB)
+_l2_flush_buffer: dict = {}
+
+
+def flush_l2() -> None:
+    """Evicts the GPU's L2 cache by writing a buffer larger than it (one memset kernel)."""
+    device = torch.cuda.current_device()
+    buffer = _l2_flush_buffer.get(device)
+    if buffer is None:
+        buffer = _l2_flush_buffer[device] = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    buffer.zero_()
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1, flush: bool = True) -> float:
     """Median time of fn() in seconds. On a GPU it is device time between CUDA events, the
     kernels' own time as Nsight shows it: a spin kernel queued before the start event covers
     twice the host time of one call, so the host's argument checks and launches overlap it
     instead of landing inside the events (peers with cheap or costly host paths compare on
-    their kernels). A call that syncs is still timed whole. On a CPU: perf_counter.
-    Shared by the benchmarks/ scripts."""
+    their kernels). With `flush` (the default) L2 is evicted before each repeat, outside the
+    events, so operands smaller than L2 are read from HBM as in a real step rather than from
+    the previous repeat's cache lines. A call that syncs is still timed whole. On a CPU:
+    perf_counter. Shared by the benchmarks/ scripts."""
     cuda = torch.cuda.is_available()
     for _ in range(warmup):  # compiles and caches; not timed
         fn()
@@ -67,6 +82,8 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     for _ in range(repeats):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if flush:
+                flush_l2()
             torch.cuda._sleep(spin_cycles)
             start.record()
             fn()

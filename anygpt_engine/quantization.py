@@ -73,6 +73,14 @@ class QuantizedWeight(nn.Module):
         """Bytes a GEMV reads: packed values, scales and zero points."""
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros) if t is not None)
 
+    def rows(self, start: int, end: int) -> "QuantizedWeight":
+        """Output rows [start, end) as views of this weight's buffers (a stacked matrix's parts)."""
+        if not 0 <= start <= end <= self.out_features:
+            raise ValueError(f"rows [{start}, {end}) outside the weight's {self.out_features} rows")
+        zeros = None if self.zeros is None else self.zeros[start:end]
+        return QuantizedWeight(self.mode, self.qweight[start:end], self.scales[start:end], zeros,
+                               (end - start, self.in_features))
+
     def dequantize(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """float32 rows [start, end) of the dequantized matrix (for references and tests; the
         kernels never materialize it)."""

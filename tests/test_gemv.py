@@ -149,7 +149,7 @@ def test_fused_qkv_rope_kv_append_matches_the_unfused_reference(mode):
     w, weight = _weights((heads + 2 * kv_heads) * head_dim, k, dtype, mode, seed=8)
     norm = (torch.rand(k) + 0.5).to(dtype).to(DEV)
     inv_freq = (1.0 / 10000 ** (torch.arange(0, head_dim // 2, dtype=torch.float32) / (head_dim // 2))).to(DEV)
-    for m in (1, 5, 16):
+    for m in (1, 5, 16, 19):  # 19: above max_m, the projections then ops.rope_kv_append
         x = _x(m, k, dtype, seed=m)
         positions = torch.randint(0, 3000, (m,), generator=torch.Generator().manual_seed(m)).to(DEV)
         slots = torch.randperm(24, generator=torch.Generator().manual_seed(m))[:m].to(DEV)
@@ -179,6 +179,33 @@ def test_launch_counter_counts_per_op_call():
         linear(x, weight, backend="torch")  # the reference launches none of the engine's kernels
     assert inner.calls == [("linear", 1)]
     assert outer.calls == [("linear", 1), ("linear", 1)] and outer.total == 2
+
+
+def test_batch_dependent_int_arguments_are_not_specialized():
+    """Triton compiles a new kernel when an int argument changes between 1, a multiple of 16 and
+    other values; arguments that follow the batch (rows, block-table widths, split and tile
+    counts) must not be specialized, or serving recompiles mid-stream. Read from the compiled
+    (not interpreted) kernels, in a process without TRITON_INTERPRET."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json; from anygpt_engine.kernels import attention as a, gemv as g, lm_head as h; "
+            "print(json.dumps({f.fn.__name__: sorted(f.do_not_specialize) for f in (a._varlen_attention_kernel, "
+            "a._paged_decode_kernel, a._merge_splits_kernel, h._lm_head_kernel, g._gemv_kernel, "
+            "g._qkv_rope_kernel)}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {
+        "_varlen_attention_kernel": ["bt_stride", "num_tiles"],
+        "_paged_decode_kernel": ["bt_stride", "bt_width", "num_splits"],
+        "_merge_splits_kernel": ["num_splits"],
+        "_lm_head_kernel": ["batch"],
+        "_gemv_kernel": ["M", "out_stride", "x_stride"],
+        "_qkv_rope_kernel": ["M", "num_slots", "x_stride"],
+    }
 
 
 # -- quantization formats ------------------------------------------------------------------------

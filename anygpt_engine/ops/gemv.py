@@ -321,21 +321,29 @@ def linear_rope_kv_append(x: torch.Tensor, weight, positions: torch.Tensor, slot
     if face == "torch":
         return q_out.copy_(linear_rope_kv_append_reference(x, weight, positions, slot_mapping, k_cache, v_cache,
                                                            inv_freq, num_heads, norm_weight, eps))
-    if face in ("cublas", "triton_unfused"):  # the projection, then the RoPE + append op
+    if face in ("cublas", "triton_unfused"):  # the projections, then the RoPE + append op
         from anygpt_engine.ops.attention import rope_kv_append
 
-        qkv = linear(x, weight, norm_weight=norm_weight, eps=eps, backend=None if face == "cublas" else "triton")
+        if norm_weight is not None and face == "cublas":  # once, not per projection
+            x, norm_weight = rms_norm(x, norm_weight, eps), None
         q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
-        q_out.copy_(qkv[:, :q_size].view(m, num_heads, head_dim))
-        record("linear_rope_kv_append", 1)
-        k = qkv[:, q_size:q_size + kv_size].view(m, num_kv_heads, head_dim)
-        v = qkv[:, q_size + kv_size:].view(m, num_kv_heads, head_dim)
+        sub_backend = None if face == "cublas" else "triton"
+        # q straight into q_out: contiguous for the decode attention, no copy
+        linear(x, _weight_rows(weight, 0, q_size), norm_weight=norm_weight, eps=eps, out=q_out.view(m, q_size),
+               backend=sub_backend)
+        kv = linear(x, _weight_rows(weight, q_size, n), norm_weight=norm_weight, eps=eps, backend=sub_backend)
+        k = kv[:, :kv_size].view(m, num_kv_heads, head_dim)
+        v = kv[:, kv_size:].view(m, num_kv_heads, head_dim)
         rope_kv_append(q_out, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq)
         return q_out
     qweight, scales, zeros, fmt = _unpack(weight)
     _qkv_rope_kernel(q_out, k_cache, v_cache, x2, qweight, scales, zeros, norm_weight, float(eps), positions,
                      slot_mapping, inv_freq, fmt)
     return q_out
+
+
+def _weight_rows(weight, start: int, end: int):
+    return weight.rows(start, end) if isinstance(weight, QuantizedWeight) else weight[start:end]
 
 
 def _rope_tile_ok(params: dict, head_dim: int, m: int) -> bool:

@@ -105,3 +105,24 @@ def test_quantized_engine_on_gpu_matches_the_reference_faces(mode, monkeypatch):
     reference = Engine("tiny", dtype="bfloat16", quantization=mode, seed=1, cuda_graphs=False).generate(prompts, PARAMS)
     same = sum(a == b for ours, theirs in zip(outputs, reference) for a, b in zip(ours, theirs))
     assert same / sum(len(r) for r in reference) >= 0.9
+
+
+def test_bench_reports_the_quantized_engine_against_the_unquantized_one():
+    from anygpt_engine import bench
+
+    report = bench.benchmark(model="tiny", prompt_len=6, new_tokens=4, device="cpu", quantization="int8",
+                             progress=False)
+    assert report["quantization"] == "int8"
+    for key in ("greedy_tokens_equal_to_unquantized", "greedy_choices_equal_teacher_forced"):
+        assert 0.5 <= report[key] <= 1.0
+    assert 0 < report["logits_rel_error"] < 0.02 and report["unquantized_decode_tok_s"] > 0
+    assert "greedy_choices_equal_teacher_forced" in bench.format_table(report)
+    # the matrices count at their packed size: one byte a value plus a float32 scale per row
+    full = bench.benchmark(model="tiny", prompt_len=6, new_tokens=2, device="cpu", progress=False)
+    c = ModelConfig.preset("tiny")
+    shapes = [(c.q_size + 2 * c.kv_size, c.hidden_size), (c.hidden_size, c.q_size),
+              (2 * c.intermediate_size, c.hidden_size), (c.hidden_size, c.intermediate_size)]
+    saved = c.num_layers * sum(n * k * 4 - (n * k + 4 * n) for n, k in shapes)
+    assert full["weight_bytes_per_step"] - report["weight_bytes_per_step"] == saved
+    with pytest.raises(ValueError, match="compare='hf'"):
+        bench.benchmark(model="tiny", prompt_len=6, new_tokens=2, device="cpu", quantization="int8", compare="hf")

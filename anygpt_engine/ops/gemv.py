@@ -49,7 +49,7 @@ def _matmul_reference(x: torch.Tensor, weight) -> torch.Tensor:
     if not isinstance(weight, QuantizedWeight):
         return F.linear(x, weight)
     x32 = x.float()
-    parts = [x32 @ weight.dequantize(start, min(start + _REFERENCE_ROWS, weight.out_features)).T
+    parts = [F.linear(x32, weight.dequantize(start, min(start + _REFERENCE_ROWS, weight.out_features)))
              for start in range(0, weight.out_features, _REFERENCE_ROWS)]
     return torch.cat(parts, dim=-1).to(x.dtype)
 

@@ -66,3 +66,30 @@ def test_the_reference_face_records_no_launches(monkeypatch):
     monkeypatch.setenv("ANYGPT_BACKEND", "torch")
     launches, kernels = _decode_step(1, 1)
     assert launches.total == 0 and kernels["linear"] >= 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("linear_face", ["triton", "cuda"])
+def test_decode_step_runs_six_device_kernels_per_layer_on_a_gpu(monkeypatch, linear_face):
+    """The profiler's own count of device activity (kernels, memsets, copies) per layer of a
+    batch-1 bf16 decode step, with the GEMV on each face (the fused qkv + RoPE is Triton's)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    monkeypatch.setenv("ANYGPT_BACKEND", f"linear={linear_face}")
+
+    def device_events(num_layers):
+        config = dataclasses.replace(ModelConfig.preset("tiny"), num_layers=num_layers, dtype="bfloat16")
+        model = Llama(config, device="cuda", dtype=torch.bfloat16)
+        model.init_random(0)
+        kv = PagedKVCache(config, 2, 16, "cuda", torch.bfloat16)
+        args = [torch.tensor([[5]]), torch.tensor([[9]]), kv.layers, torch.tensor([[25]]), torch.tensor([[1]])]
+        args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        with torch.inference_mode():
+            model(*args, final_norm=False)  # compiles the Triton kernels
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                model(*args, final_norm=False)
+                torch.cuda.synchronize()
+        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+    assert device_events(3) - device_events(2) == 6

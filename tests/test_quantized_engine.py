@@ -93,6 +93,10 @@ def test_quantization_errors():
         Engine(config, quantization="int4", num_blocks=8)
     engine = Engine(config, quantization="int8", num_blocks=8)  # int8 and fp8 take any K
     assert len(engine.generate([[1, 5, 9]], SamplingParams.greedy(3))[0]) == 3
+    from anygpt_engine.weights import hf_state_dict
+
+    with pytest.raises(ValueError, match="matrices are quantized"):
+        hf_state_dict(engine.model, config)
 
 
 @pytest.mark.gpu

@@ -40,7 +40,8 @@ def _assert_rounding_close(got, ref):
 def test_triton_gemv_matches_reference_for_every_m(mode, dtype):
     w, weight = _weights(131, 256, dtype, mode)
     x = _x(16, 256, dtype)
-    for m in range(1, 17):  # the FMA path (M < dot_min_m) and the padded dot
+    # every M in bf16 (the FMA path below dot_min_m, then the padded dot); float32 at the edges
+    for m in range(1, 17) if dtype == torch.bfloat16 else (1, 2, 3, 4, 16):
         out = poison(torch.empty(m, 131, dtype=dtype, device=DEV))
         got = linear(x[:m], weight, out=out, backend="triton")
         assert got.data_ptr() == out.data_ptr()

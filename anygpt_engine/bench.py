@@ -6,6 +6,11 @@ Reported: time to first token (prefill of the whole batch plus the first sample)
 tokens/s, ms per decode step p50/p99, bytes read per decode step (weights; KV cache), the
 achieved GB/s and its fraction of this device's copy bandwidth measured in the same run,
 and on a GPU its name, clocks, power and memory from NVML.
+
+With --quantization MODE the engine runs weight-only quantized, and the unquantized engine on
+the same weights runs the same prompts in the same process: its decode speed, the fraction of
+greedy tokens that agree (free-running, and teacher-forced along the 16-bit output), and the
+logits error on the first prompt.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 import torch
 
 from anygpt_engine.engine import Engine, default_device, resolve_dtype
+from anygpt_engine.quantization import quantized_bytes
 from anygpt_engine.sampling import SamplingParams
 
 
@@ -43,13 +49,28 @@ def git_sha() -> str:
         return "unknown"
 
 
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+_L2_FLUSH_BYTES = 256 << 20  # several times any current GPU's L2 (H100: 50 MB, H200: 60 MB)
+_l2_flush_buffer: dict = {}
+
+
+def flush_l2() -> None:
+    """Evicts the GPU's L2 cache by writing a buffer larger than it (one memset kernel)."""
+    device = torch.cuda.current_device()
+    buffer = _l2_flush_buffer.get(device)
+    if buffer is None:
+        buffer = _l2_flush_buffer[device] = torch.empty(_L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    buffer.zero_()
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1, flush: bool = True) -> float:
     """Median time of fn() in seconds. On a GPU it is device time between CUDA events, the
     kernels' own time as Nsight shows it: a spin kernel queued before the start event covers
     twice the host time of one call, so the host's argument checks and launches overlap it
     instead of landing inside the events (peers with cheap or costly host paths compare on
-    their kernels). A call that syncs is still timed whole. On a CPU: perf_counter.
-    Shared by the benchmarks/ scripts."""
+    their kernels). With `flush` (the default) L2 is evicted before each repeat, outside the
+    events, so operands smaller than L2 are read from HBM as in a real step rather than from
+    the previous repeat's cache lines. A call that syncs is still timed whole. On a CPU:
+    perf_counter. Shared by the benchmarks/ scripts."""
     cuda = torch.cuda.is_available()
     for _ in range(warmup):  # compiles and caches; not timed
         fn()
@@ -67,6 +88,8 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     for _ in range(repeats):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if flush:
+                flush_l2()
             torch.cuda._sleep(spin_cycles)
             start.record()
             fn()
@@ -140,7 +163,7 @@ def weight_bytes_per_step(engine: Engine, batch_size: int) -> int:
     """Bytes of weights one decode step reads with the full LM head: every matrix and norm, but
     only the batch's rows of the embedding table."""
     model = engine.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = sum(p.numel() * p.element_size() for p in model.parameters()) + quantized_bytes(model)
     embed = model.tok_embeddings
     if model.output is not None:
         total -= embed.numel() * embed.element_size()
@@ -184,17 +207,21 @@ def run_engine(engine: Engine, prompts, new_tokens: int, progress: bool) -> dict
     return {"ttft_s": ttft, "step_s": steps, "outputs": [outputs[rid] for rid in ids], "total_s": ttft + sum(steps)}
 
 
-def run_reference(engine: Engine, prompts, new_tokens: int) -> dict:
+def run_reference(engine: Engine, prompts, new_tokens: int, make_engine=None) -> dict:
     """The same model and weights with every op on its torch reference face (ANYGPT_BACKEND=torch),
-    decode steps captured in CUDA graphs all the same."""
+    decode steps captured in CUDA graphs all the same. make_engine() builds that engine again
+    (a quantized engine's 16-bit weights are gone); without it, from the engine's own weights."""
     from anygpt_engine.weights import hf_state_dict
 
     previous = os.environ.get("ANYGPT_BACKEND")
     os.environ["ANYGPT_BACKEND"] = "torch"
     try:
-        reference = Engine(engine.config, weights=hf_state_dict(engine.model, engine.config), device=engine.device,
-                           dtype=engine.dtype, max_batch_size=len(prompts),
-                           cuda_graphs=engine.graphs is not None)
+        if make_engine is not None:
+            reference = make_engine()
+        else:
+            reference = Engine(engine.config, weights=hf_state_dict(engine.model, engine.config),
+                               device=engine.device, dtype=engine.dtype, max_batch_size=len(prompts),
+                               cuda_graphs=engine.graphs is not None)
         run_engine(reference, _prompts(reference, len(prompts), len(prompts[0]), 1), min(4, new_tokens), False)
         return run_engine(reference, prompts, new_tokens, progress=False)
     finally:
@@ -237,8 +264,30 @@ def run_hf(engine: Engine, prompts, new_tokens: int) -> dict:
     return {"total_s": total, "outputs": out[:, input_ids.shape[1]:].tolist()}
 
 
+def compare_quantized(engine: Engine, prompts, result: dict, new_tokens: int, make_unquantized) -> dict:
+    """The unquantized engine (make_unquantized(): same weights) on the same prompts: its decode
+    speed, greedy agreement free-running and teacher-forced, and the logits error."""
+    base = make_unquantized()
+    run_engine(base, _prompts(base, len(prompts), len(prompts[0]), 1), min(4, new_tokens), False)  # warm-up
+    ref = run_engine(base, prompts, new_tokens, progress=False)
+    same = sum(a == b for ours, theirs in zip(result["outputs"], ref["outputs"]) for a, b in zip(ours, theirs))
+    sequence = prompts[0] + ref["outputs"][0][:-1]  # position i predicts sequence[i + 1]
+    exact, quantized = base.logits(sequence), engine.logits(sequence)
+    tail = slice(len(prompts[0]) - 1, None)  # the positions that chose the 16-bit engine's tokens
+    base_tok_s = len(prompts) * len(ref["step_s"]) / sum(ref["step_s"])
+    return {
+        "unquantized_decode_tok_s": base_tok_s,
+        "speedup_vs_unquantized": len(prompts) * len(result["step_s"]) / sum(result["step_s"]) / base_tok_s,
+        "greedy_tokens_equal_to_unquantized": same / (len(prompts) * new_tokens),
+        "greedy_choices_equal_teacher_forced": float((quantized[tail].argmax(-1) == exact[tail].argmax(-1)).float()
+                                                      .mean()),
+        "logits_max_abs_error": float((quantized - exact).abs().max()),
+        "logits_rel_error": float((quantized - exact).abs().max() / exact.abs().max()),
+    }
+
+
 def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_tokens=None, dtype=None, device=None,
-              compare=None, seed=0, progress=True, modality=None) -> dict:
+              compare=None, seed=0, progress=True, modality=None, quantization=None) -> dict:
     device = torch.device(device) if device is not None else default_device()
     if model == "auto":
         model = "anygpt-7b" if device.type == "cuda" else "tiny"
@@ -247,9 +296,19 @@ def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_toke
     if batch_size < 1 or prompt_len < 2 or new_tokens < 2:
         raise ValueError(f"batch_size={batch_size}, prompt_len={prompt_len}, new_tokens={new_tokens}: expected "
                          "batch_size >= 1, prompt_len >= 2, new_tokens >= 2")
+    compare = [compare] if isinstance(compare, str) else list(compare or ())
+    unknown = [c for c in compare if c not in ("hf", "reference")]
+    if unknown:
+        raise ValueError(f"compare={unknown!r}, expected 'hf' and/or 'reference'")
+    if "hf" in compare and quantization is not None:
+        raise ValueError("compare='hf' runs transformers on the engine's 16-bit weights; with quantization the "
+                         "unquantized engine is the comparison (reported without --compare)")
     load_start = time.perf_counter()
-    engine = Engine(model, weights=weights, device=device, dtype=resolve_dtype(dtype) if dtype else None, seed=seed,
-                    max_batch_size=batch_size)
+    def make_engine(mode):
+        return Engine(model, weights=weights, device=device, dtype=resolve_dtype(dtype) if dtype else None,
+                      seed=seed, max_batch_size=batch_size, quantization=mode)
+
+    engine = make_engine(quantization)
     _sync(device)
     load_s = time.perf_counter() - load_start
     prompts = _prompts(engine, batch_size, prompt_len, seed, modality)
@@ -270,6 +329,7 @@ def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_toke
     stats = engine.stats()
     report = {
         "model": engine.config.name, "device": str(device), "dtype": str(engine.dtype).replace("torch.", ""),
+        "quantization": quantization or "none",
         "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
         "parameters": engine.config.num_parameters(), "load_s": load_s,
         "ttft_ms": result["ttft_s"] * 1e3,
@@ -291,12 +351,11 @@ def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_toke
         "cpu": platform.processor() or platform.machine(),
         **nvml_info(device),
     }
-    compare = [compare] if isinstance(compare, str) else list(compare or ())
-    unknown = [c for c in compare if c not in ("hf", "reference")]
-    if unknown:
-        raise ValueError(f"compare={unknown!r}, expected 'hf' and/or 'reference'")
+    if quantization is not None:
+        report.update(compare_quantized(engine, prompts, result, new_tokens, lambda: make_engine(None)))
     if "reference" in compare:
-        ref = run_reference(engine, prompts, new_tokens)
+        ref = run_reference(engine, prompts, new_tokens,
+                            None if quantization is None else lambda: make_engine(quantization))
         same = sum(a == b for ours, theirs in zip(result["outputs"], ref["outputs"]) for a, b in zip(ours, theirs))
         report.update({
             "reference_decode_tok_s": batch_size * len(ref["step_s"]) / sum(ref["step_s"]),
@@ -316,14 +375,18 @@ def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_toke
 
 
 _ROWS = [
-    ("model", "{}"), ("device", "{}"), ("gpu", "{}"), ("dtype", "{}"), ("batch_size", "{}"), ("prompt_len", "{}"),
+    ("model", "{}"), ("device", "{}"), ("gpu", "{}"), ("dtype", "{}"), ("quantization", "{}"), ("batch_size", "{}"),
+    ("prompt_len", "{}"),
     ("new_tokens", "{}"), ("parameters", "{:,}"), ("ttft_ms", "{:.2f}"), ("decode_tok_s", "{:.1f}"),
     ("step_ms_p50", "{:.3f}"), ("step_ms_p99", "{:.3f}"), ("weight_bytes_per_step", "{:,}"),
     ("kv_bytes_per_step", "{:,.0f}"), ("achieved_gb_s", "{:.1f}"), ("copy_bandwidth_gb_s", "{:.1f}"),
     ("fraction_of_copy_bandwidth", "{:.1%}"), ("end_to_end_tok_s", "{:.1f}"), ("modality", "{}"),
     ("lm_head_rows_per_token", "{:,.0f}"), ("lm_head_bytes_saved_per_token", "{:,.0f}"), ("hf_end_to_end_tok_s", "{:.1f}"),
     ("speedup_vs_hf", "{:.2f}x"), ("reference_decode_tok_s", "{:.1f}"), ("speedup_vs_reference", "{:.2f}x"),
-    ("greedy_tokens_equal_to_reference", "{:.1%}"), ("greedy_tokens_equal_to_hf", "{:.1%}"), ("prefix_cache_hit_rate", "{:.1%}"),
+    ("greedy_tokens_equal_to_reference", "{:.1%}"), ("greedy_tokens_equal_to_hf", "{:.1%}"),
+    ("unquantized_decode_tok_s", "{:.1f}"), ("speedup_vs_unquantized", "{:.2f}x"),
+    ("greedy_tokens_equal_to_unquantized", "{:.1%}"), ("greedy_choices_equal_teacher_forced", "{:.1%}"),
+    ("logits_max_abs_error", "{:.4g}"), ("logits_rel_error", "{:.2%}"), ("prefix_cache_hit_rate", "{:.1%}"),
     ("preemptions", "{}"), ("kv_blocks", "{:,}"), ("cuda_graphs", "{}"), ("graph_capture_s", "{:.2f}"),
     ("graph_buckets_used", "{}"), ("sm_clock_mhz", "{}"),
     ("mem_clock_mhz", "{}"), ("power_w", "{:.0f}"), ("power_limit_w", "{:.0f}"), ("memory_used_gib", "{:.1f}"),

@@ -17,7 +17,8 @@ def _bench(args) -> int:
     report = bench.benchmark(model=args.model, weights=args.weights, batch_size=args.batch_size,
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=args.dtype,
                              device=args.device, compare=args.compare, seed=args.seed,
-                             progress=not args.no_progress, modality=args.modality)
+                             progress=not args.no_progress, modality=args.modality,
+                             quantization=args.quantization)
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
@@ -184,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--modality", default=None, choices=["image", "speech", "music", "audio"],
                    help="end prompts with <soX>: decode inside that span (the LM head reads only its rows)")
+    b.add_argument("--quantization", default=None, choices=["int8", "fp8", "int4"],
+                   help="weight-only quantization; also reports logits error and greedy agreement vs 16-bit")
     b.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_bench)

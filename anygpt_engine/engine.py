@@ -29,6 +29,7 @@ import torch
 from anygpt_engine.config import ANYGPT_VOCAB_SIZE, PRESETS, ModelConfig
 from anygpt_engine.models.llama import Llama, PrefillRuns
 from anygpt_engine.profiling import nvtx_range
+from anygpt_engine.quantization import check_mode
 from anygpt_engine.runtime.beams import BeamGroup, BeamSearch
 from anygpt_engine.runtime.graphs import DecodeGraphs, DecodeInputs, buckets
 from anygpt_engine.runtime.kv_cache import BlockManager, PagedKVCache
@@ -82,6 +83,9 @@ class EngineStats:
 class Engine:
     """Runs one AnyGPT-style backbone. See the module docstring.
 
+    quantization: None, "int8", "fp8" or "int4": weight-only quantization of the layers' matrices
+    at load (anygpt_engine/quantization.py); the embedding and the output head stay 16-bit.
+
     KV cache: `num_blocks` blocks of `block_size` tokens; without `num_blocks`, a CUDA engine
     takes `kv_cache_memory_fraction` of the free GPU memory (capped at what max_batch_size
     full-length sequences need) and a CPU engine exactly that cap.
@@ -92,7 +96,7 @@ class Engine:
                  constrain_modalities: bool = True, seed: int = 0,
                  block_size: int = 16, num_blocks: int | None = None, kv_cache_memory_fraction: float = 0.4,
                  max_batch_size: int = 32, max_num_batched_tokens: int = 4096, enable_prefix_caching: bool = True,
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, quantization: str | None = None):
         checkpoint = None
         if isinstance(model, ModelConfig):
             config = model
@@ -109,6 +113,7 @@ class Engine:
                 raise ValueError(f"{name}={value!r}, expected a positive int")
         if not 0 < kv_cache_memory_fraction < 1:
             raise ValueError(f"kv_cache_memory_fraction={kv_cache_memory_fraction}, expected 0 < fraction < 1")
+        self.quantization = check_mode(quantization)
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -125,6 +130,8 @@ class Engine:
             load_into(self.model, config, source.items())
         else:
             load_into(self.model, config, source)
+        if self.quantization is not None:  # weight-only, from the loaded 16-bit matrices
+            self.model.quantize(self.quantization)
         self.model.eval()
 
         # Text prompts: the checkpoint's tokenizer, or one given (a preset has none by default).

@@ -134,6 +134,11 @@ def load_into(model: torch.nn.Module, config: ModelConfig, tensors) -> None:
 
 def hf_state_dict(model: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
     """The engine's weights under HF names (for transformers comparisons and export)."""
+    from anygpt_engine.quantization import QuantizedWeight
+
+    if any(isinstance(m, QuantizedWeight) for m in model.modules()):
+        raise ValueError("the model's matrices are quantized (Engine(quantization=...)); export the 16-bit weights "
+                         "they were quantized from instead")
     out = {"model.embed_tokens.weight": model.tok_embeddings, "model.norm.weight": model.norm}
     if model.output is not None:
         out["lm_head.weight"] = model.output

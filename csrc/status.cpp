@@ -65,6 +65,12 @@ extern "C" anygpt_status anygpt_rms_norm_cuda(void*, void*, const void*, const v
   return anygpt::fail(ANYGPT_ERROR_NO_CUDA, "rms_norm: anygpt_engine was built without CUDA kernels (no nvcc at build time)");
 }
 
+extern "C" anygpt_status anygpt_gemv_cuda(void*, const void*, const void*, const void*, const uint8_t*, const void*,
+                                          int64_t, int64_t, int64_t, int64_t, int64_t, float, anygpt_dtype,
+                                          anygpt_weight_format, anygpt_gemv_epilogue, int, void*) {
+  return anygpt::fail(ANYGPT_ERROR_NO_CUDA, "gemv: anygpt_engine was built without CUDA kernels (no nvcc at build time)");
+}
+
 extern "C" anygpt_status anygpt_maskgit_step_cuda(int64_t*, uint8_t*, float*, int32_t*, const void*, anygpt_dtype,
                                                   const float*, const int64_t*, const int64_t*, const int64_t*,
                                                   const int64_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,

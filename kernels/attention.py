@@ -160,7 +160,7 @@ def _attend_keys(acc, m, l, q, q_pos, row_mask, k_ptr, v_ptr, first, last, kv_le
     return acc, m, l
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bt_stride", "num_tiles"])  # vary with the batch: no recompile mid-serving
 def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr, cu_k_ptr, block_tables_ptr,
                              q_stride, out_stride, kv_token_stride, bt_stride, num_q_heads, num_kv_heads, scale,
                              num_tiles, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -249,7 +249,7 @@ def varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, *, kv
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["bt_stride", "bt_width", "num_splits"])  # vary with the batch
 def _paged_decode_kernel(part_out_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
                          q_stride, bt_stride, bt_width, num_kv_heads, num_splits, scale,
                          HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, PAGE: tl.constexpr):
@@ -297,7 +297,7 @@ def _paged_decode_kernel(part_out_ptr, part_lse_ptr, q_ptr, k_cache_ptr, v_cache
              mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # varies with the batch
 def _merge_splits_kernel(out_ptr, part_out_ptr, part_lse_ptr, num_splits,
                          HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)  # (sequence, q head)

@@ -16,13 +16,14 @@ import triton.language as tl
 from anygpt_engine.kernels.common import round_to
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch"])  # varies with the batch
 def _lm_head_kernel(out_ptr, x_ptr, norm_ptr, weight_ptr, rows_ptr, batch, hidden, vocab, x_stride, eps,
                     BLOCK_B: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                     DOT_PRECISION: tl.constexpr):
-    pid = tl.program_id(0)
-    v = pid * BLOCK_V + tl.arange(0, BLOCK_V)
-    b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # batches past BLOCK_B re-read the tile
+    # Batch blocks are the grid's fastest axis: the programs sharing a weight tile run together,
+    # so above BLOCK_B rows the tile comes from HBM once and from L2 for the other blocks.
+    v = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     first = tl.load(rows_ptr)
     count = tl.load(rows_ptr + 1)
     inside = (v >= first) & (v < first + count) & (v < vocab)
@@ -70,7 +71,7 @@ def lm_head(out, x, norm_weight, weight, rows, eps, block_v=64, block_k=128, num
         return
     # At most 32 rows a program: with 64 a float32 tile no longer fits in shared memory.
     block_b = min(32, max(16, triton.next_power_of_2(batch)))
-    _lm_head_kernel[(triton.cdiv(vocab, block_v), triton.cdiv(batch, block_b))](
+    _lm_head_kernel[(triton.cdiv(batch, block_b), triton.cdiv(vocab, block_v))](
         out, x, norm_weight, weight, rows, batch, hidden, vocab, x.stride(0), eps,
         BLOCK_B=block_b, BLOCK_V=block_v, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 or _interpreting() else "tf32", num_warps=num_warps,

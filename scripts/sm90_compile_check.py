@@ -33,9 +33,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from anygpt_engine import tuning
-from anygpt_engine.kernels import attention, lm_head, maskgit, rms_norm, rvq, sampling, soundstorm
+from anygpt_engine.kernels import attention, gemv, lm_head, maskgit, rms_norm, rvq, sampling, soundstorm
 
-MODULES = (attention, lm_head, maskgit, rms_norm, rvq, sampling, soundstorm)
+MODULES = (attention, gemv, lm_head, maskgit, rms_norm, rvq, sampling, soundstorm)
 H100_SHARED_BYTES = 227 * 1024
 
 
@@ -64,9 +64,9 @@ class Report:
 
 
 def cases(gpu: str) -> list[Case]:
-    p = {op: tuning.params_for(op, gpu) for op in ("attention", "lm_head", "rms_norm", "sampling", "maskgit",
+    p = {op: tuning.params_for(op, gpu) for op in ("attention", "gemv", "lm_head", "rms_norm", "sampling", "maskgit",
                                                     "rvq", "soundstorm")}
-    out = []
+    out = gemv_cases(p["gemv"])
     a = p["attention"]
     for dt in ("bf16", "fp16", "fp32"):
         tile = "prefill_fp32_" if dt == "fp32" else "prefill_"
@@ -190,6 +190,61 @@ def cases(gpu: str) -> list[Case]:
                              BLOCK_K=ss["gemm_fp32_block_k" if dt == "fp32" else "gemm_block_k"]),
                         ss["gemm_warps"], ss["gemm_stages"],
                         ("D", "V", "x_stride_m", "x_stride_q", "out_stride_m", "out_stride_q"), dots=dt == "bf16"))
+    return out
+
+
+def gemv_cases(g: dict) -> list[Case]:
+    """The decode GEMV (ops.linear) for each weight format on each inner product the tuning picks
+    by M (FMA for M=1 and 2, the padded dot up to max_m, the tiled GEMM for quantized prefill),
+    mostly with the heaviest fusions (RMSNorm prologue + SiLU*up: two accumulations per program),
+    and the fused qkv + RoPE + KV append; 7B shapes."""
+    from anygpt_engine.ops.gemv import _blocks
+
+    weights = {"bf16": (gemv.FLOAT, "*bf16", "*bf16", "*bf16"), "int8": (gemv.INT8, "*i8", "*fp32", "*u8"),
+               "fp8": (gemv.FP8, "*fp8e4nv", "*fp32", "*u8"), "int4": (gemv.INT4, "*u8", "*fp16", "*u8")}
+    out = []
+
+    def launch(m, fmt, dt="bf16"):
+        b = _blocks(g, m, None if fmt == "bf16" else fmt)
+        constexprs = dict(DOT=b["dot"], DOT_IN_FP32=False, DOT_PRECISION="ieee" if dt == "fp32" else "tf32",
+                          BLOCK_M=b["block_m"], BLOCK_N=b["block_n"], BLOCK_K=b["block_k"], GROUP=128)
+        return b, constexprs
+
+    # (M, label, epilogue): the FMA path at M=1 and 2, the padded dot at M=16, the GEMM above max_m
+    shapes = [(1, "m1", gemv.SILU_MUL), (2, "m2", gemv.RESIDUAL), (16, "m16", gemv.SILU_MUL),
+              (g["max_m"] + 1, "gemm", gemv.SILU_MUL)]
+    for fmt, (code, w_type, s_type, z_type) in weights.items():
+        for m, label, epilogue in shapes:
+            if label == "gemm" and fmt == "bf16":
+                continue  # 16-bit weights take cuBLAS above the crossover
+            norm = epilogue == gemv.SILU_MUL
+            b, constexprs = launch(m, fmt)
+            out.append(Case(
+                f"gemv {fmt} {label} {'silu_mul+norm' if epilogue == gemv.SILU_MUL else 'residual'}",
+                gemv._gemv_kernel,
+                dict(out_ptr="*bf16", x_ptr="*bf16", w_ptr=w_type, scale_ptr=s_type, zero_ptr=z_type,
+                     norm_ptr="*bf16", M="i32", N_OUT="i32", K="i32", x_stride="i32", out_stride="i32",
+                     eps="fp32"),
+                dict(WEIGHT=code, NORM=norm, EPILOGUE=epilogue, **constexprs), b["num_warps"], b["num_stages"],
+                ("N_OUT", "K"), dots=label == "gemm"))
+        for m, label in ((1, "m1"), (16, "m16")) if fmt in ("bf16", "int4") else ():
+            b, constexprs = launch(m, fmt)
+            constexprs["BLOCK_N"] = min(g["rope_block_n"], 64)
+            out.append(Case(
+                f"qkv_rope {fmt} {label}", gemv._qkv_rope_kernel,
+                dict(q_ptr="*bf16", k_cache_ptr="*bf16", v_cache_ptr="*bf16", x_ptr="*bf16", w_ptr=w_type,
+                     scale_ptr=s_type, zero_ptr=z_type, norm_ptr="*bf16", positions_ptr="*i64", slots_ptr="*i64",
+                     inv_freq_ptr="*fp32", M="i32", K="i32", x_stride="i32", num_slots="i32", eps="fp32"),
+                dict(Q_HEADS=32, KV_HEADS=32, HEAD_DIM=128, WEIGHT=code, NORM=True, **constexprs), b["num_warps"],
+                b["num_stages"], ("K",)))
+    for m, label in ((1, "m1"),):  # float32 engines on a GPU
+        b, constexprs = launch(m, "bf16", "fp32")
+        out.append(Case(
+            f"gemv fp32 {label} silu_mul+norm", gemv._gemv_kernel,
+            dict(out_ptr="*fp32", x_ptr="*fp32", w_ptr="*fp32", scale_ptr="*fp32", zero_ptr="*fp32", norm_ptr="*fp32",
+                 M="i32", N_OUT="i32", K="i32", x_stride="i32", out_stride="i32", eps="fp32"),
+            dict(WEIGHT=gemv.FLOAT, NORM=True, EPILOGUE=gemv.SILU_MUL, **constexprs), b["num_warps"], b["num_stages"],
+            ("N_OUT", "K")))
     return out
 
 

@@ -11,9 +11,16 @@ The engine's own weight layout (what checkpoints are loaded into):
   norm                      [H]
   output                    [V, H]                  (the embedding itself when tied)
 
+With Llama.quantize(mode) the four matrices of each layer become QuantizedWeight (int8, fp8 or
+int4; anygpt_engine/quantization.py); the embedding and the output head stay 16-bit.
+
 Rotary embedding is HF's rotate-half form (computed in float32, rounded once), so HF
 checkpoints load without permuting q/k.
-Norms run through ops.rms_norm with the residual add fused in; accumulation is float32.
+Every matrix goes through ops.linear, which fuses the work around it (one launch each in a
+decode step): the RMSNorm into the qkv and gate/up projections, SiLU(gate) * up into the
+gate/up epilogue, the residual add into the wo and w2 epilogues, and in a decode step RoPE and
+the KV append into the qkv epilogue (ops.linear_rope_kv_append). The residual stream is one
+tensor updated in place; accumulation is float32 and the rounding points are HF's.
 Attention reads and writes the paged KV cache (layout in runtime/kv_cache.py); prefill chunks
 and decode steps are the same code with different shapes. A prefill may pack chunks of several
 sequences into one row of tokens (PrefillRuns): every matmul then sees all of them at once, and
@@ -33,6 +40,7 @@ from anygpt_engine.config import ModelConfig
 from anygpt_engine.ops import attention
 from anygpt_engine.ops.lm_head import lm_head
 from anygpt_engine.profiling import nvtx_range
+from anygpt_engine.quantization import INT4_GROUP, check_mode, quantize
 
 
 @dataclass
@@ -92,37 +100,63 @@ class Llama(nn.Module):
     def lm_head(self) -> torch.Tensor:
         return self.tok_embeddings if self.output is None else self.output
 
-    # -- pieces --------------------------------------------------------------------------------
-    def attention(self, block: Block, h: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
-                  slot_mapping: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor,
-                  runs: PrefillRuns | None) -> torch.Tensor:
-        """h [B, S, H] at `positions` [B, S]. Rotates q and k, writes each token's k/v to its
-        cache slot (`slot_mapping` [B, S]) in `kv` [2, blocks, block_size, Hkv, D], then attends
-        causally. Without runs it is a decode step: one token per row over the row's first
-        kv_lens[b] cached tokens (`block_tables` [B, nb]); with runs, a packed prefill (B == 1)
-        whose runs attend to their own sequences."""
-        c = self.config
-        b, s, _ = h.shape
-        qkv = F.linear(h, block.wqkv).view(b * s, -1)
-        q = qkv[:, :c.q_size].view(b * s, c.num_heads, c.head_dim)
-        k = qkv[:, c.q_size:c.q_size + c.kv_size].view(b * s, c.num_kv_heads, c.head_dim)
-        v = qkv[:, c.q_size + c.kv_size:].view(b * s, c.num_kv_heads, c.head_dim)
-        attention.rope_kv_append(q, k, v, positions.reshape(-1), slot_mapping.reshape(-1), kv[0], kv[1],
-                                 self.inv_freq)
-        if runs is None:
-            out = attention.paged_decode_attention(q, kv[0], kv[1], block_tables, kv_lens)
-        elif runs.fresh:  # k was rotated in place: the same values the cache now holds
-            out = attention.varlen_attention(q, k, v, runs.cu_seqlens_q, runs.max_q_len, causal=True,
-                                             cu_seqlens_k=runs.cu_seqlens_q)
-        else:
-            out = attention.varlen_attention(q, kv[0], kv[1], runs.cu_seqlens_q, runs.max_q_len, causal=True,
-                                             kv_lens=runs.kv_lens, block_tables=runs.block_tables)
-        return F.linear(out.view(b, s, c.q_size), block.wo)
+    def quantize(self, mode: str) -> None:
+        """Replaces each layer's wqkv, wo, w13 and w2 by its quantized form, one matrix at a time
+        (the embedding and the output head stay 16-bit). Shapes are checked first, so a bad mode
+        or shape leaves the model as it was."""
+        if check_mode(mode) is None:
+            raise ValueError("quantization=None: nothing to quantize")
+        names = ("wqkv", "wo", "w13", "w2")
+        if mode == "int4":
+            for name in names:
+                k = getattr(self.layers[0], name).shape[1]
+                if k % INT4_GROUP:
+                    raise ValueError(f"quantization='int4': {name} has K={k} input features, not a multiple of the "
+                                     f"group size {INT4_GROUP}")
+        for block in self.layers:
+            for name in names:
+                quantized = quantize(getattr(block, name).detach(), mode)
+                delattr(block, name)  # frees the 16-bit matrix before the next one is quantized
+                setattr(block, name, quantized)
 
-    @staticmethod
-    def feed_forward(block: Block, h: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(h, block.w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, block.w2)
+    # -- pieces --------------------------------------------------------------------------------
+    def attention(self, block: Block, residual: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
+                  slot_mapping: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor,
+                  runs: PrefillRuns | None) -> None:
+        """Adds the attention sub-block's output into the residual stream [B, S, H] in place.
+        q, k and v come from the normed residual at `positions` [B, S]; q and k are rotated,
+        each token's k/v written to its cache slot (`slot_mapping` [B, S]) in `kv`
+        [2, blocks, block_size, Hkv, D], then attention runs causally. Without runs it is a decode
+        step: one token per row over the row's first kv_lens[b] cached tokens (`block_tables`
+        [B, nb]); with runs, a packed prefill (B == 1) whose runs attend to their own sequences."""
+        c = self.config
+        b, s, _ = residual.shape
+        if runs is None:  # decode: projection, RoPE and KV append in one op
+            q = ops.linear_rope_kv_append(residual.view(b * s, -1), block.wqkv, positions.reshape(-1),
+                                          slot_mapping.reshape(-1), kv[0], kv[1], self.inv_freq, c.num_heads,
+                                          norm_weight=block.attention_norm, eps=c.rms_norm_eps)
+            out = attention.paged_decode_attention(q, kv[0], kv[1], block_tables, kv_lens)
+        else:
+            qkv = ops.linear(residual, block.wqkv, norm_weight=block.attention_norm,
+                             eps=c.rms_norm_eps).view(b * s, -1)
+            q = qkv[:, :c.q_size].view(b * s, c.num_heads, c.head_dim)
+            k = qkv[:, c.q_size:c.q_size + c.kv_size].view(b * s, c.num_kv_heads, c.head_dim)
+            v = qkv[:, c.q_size + c.kv_size:].view(b * s, c.num_kv_heads, c.head_dim)
+            attention.rope_kv_append(q, k, v, positions.reshape(-1), slot_mapping.reshape(-1), kv[0], kv[1],
+                                     self.inv_freq)
+            if runs.fresh:  # k was rotated in place: the same values the cache now holds
+                out = attention.varlen_attention(q, k, v, runs.cu_seqlens_q, runs.max_q_len, causal=True,
+                                                 cu_seqlens_k=runs.cu_seqlens_q)
+            else:
+                out = attention.varlen_attention(q, kv[0], kv[1], runs.cu_seqlens_q, runs.max_q_len, causal=True,
+                                                 kv_lens=runs.kv_lens, block_tables=runs.block_tables)
+        ops.linear(out.view(b, s, c.q_size), block.wo, residual=residual)
+
+    def feed_forward(self, block: Block, residual: torch.Tensor) -> None:
+        """Adds the MLP sub-block's output, w2(silu(gate) * up) of the normed residual, into it."""
+        act = ops.linear(residual, block.w13, norm_weight=block.ffn_norm, eps=self.config.rms_norm_eps,
+                         activation="silu_mul")
+        ops.linear(act, block.w2, residual=residual)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_layers: list[torch.Tensor],
@@ -144,21 +178,15 @@ class Llama(nn.Module):
             raise ValueError(f"a packed prefill is one row of tokens [1, T], got a batch of {b}")
         with nvtx_range("anygpt/op/embedding"):
             residual = F.embedding(tokens, self.tok_embeddings)
-        with nvtx_range("anygpt/op/rms_norm"):
-            h = ops.rms_norm(residual, self.layers[0].attention_norm, c.rms_norm_eps)
         for i, block in enumerate(self.layers):
             with nvtx_range("anygpt/op/attention"):
-                attn = self.attention(block, h, positions, kv_layers[i], slot_mapping, block_tables, kv_lens, runs)
-            with nvtx_range("anygpt/op/rms_norm"):
-                h = ops.rms_norm(attn, block.ffn_norm, c.rms_norm_eps, residual=residual)
+                self.attention(block, residual, positions, kv_layers[i], slot_mapping, block_tables, kv_lens, runs)
             with nvtx_range("anygpt/op/mlp"):
-                ffn = self.feed_forward(block, h)
-            if i + 1 == len(self.layers) and not final_norm:
-                return residual.add_(ffn)
-            next_norm = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
-            with nvtx_range("anygpt/op/rms_norm"):
-                h = ops.rms_norm(ffn, next_norm, c.rms_norm_eps, residual=residual)
-        return h
+                self.feed_forward(block, residual)
+        if not final_norm:
+            return residual
+        with nvtx_range("anygpt/op/rms_norm"):
+            return ops.rms_norm(residual, self.norm, c.rms_norm_eps)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """float32 logits of final-normed hidden states."""

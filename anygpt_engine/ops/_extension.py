@@ -47,6 +47,22 @@ def cuda_stream_handle(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
 
 
+def on_tensor_device(launch):
+    """Runs a kernel launch function with its first tensor argument's GPU as the current device:
+    Triton and the CUDA runtime launch on the current device, so without this guard an engine
+    on cuda:1 would launch its kernels on cuda:0. Free when that device is already current."""
+
+    @functools.wraps(launch)
+    def guarded(*args, **kwargs):
+        device = next((a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if device is None or device.type != "cuda" or device.index in (None, torch.cuda.current_device()):
+            return launch(*args, **kwargs)
+        with torch.cuda.device(device):
+            return launch(*args, **kwargs)
+
+    return guarded
+
+
 def check_tensor(name: str, t, dims: int | None = None, dtypes=None, device=None) -> None:
     """A tensor with `dims` dimensions, one of `dtypes`, on `device` (each check when given)."""
     if not isinstance(t, torch.Tensor):

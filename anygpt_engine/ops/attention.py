@@ -28,7 +28,9 @@ import torch.nn.functional as F
 
 from anygpt_engine import tuning
 from anygpt_engine.ops import backend as _backend
-from anygpt_engine.ops._extension import FLOAT_TYPES, check_tensor, cuda_stream_handle, dtype_code, extension
+from anygpt_engine.ops._extension import (FLOAT_TYPES, check_tensor, cuda_stream_handle, dtype_code, extension,
+                                          on_tensor_device)
+from anygpt_engine.ops.launches import record
 
 
 
@@ -126,9 +128,11 @@ def rope_kv_append(q, k, v, positions, slot_mapping, k_cache, v_cache, inv_freq,
 
 # Kernel launches on checked arguments, registered so torch.compile and graphs see them.
 @torch.library.custom_op("anygpt_engine::rope_kv_append_kernel", mutates_args=("q", "k", "k_cache", "v_cache"))
+@on_tensor_device
 def _rope_kv_append_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                            slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            inv_freq: torch.Tensor, face: str) -> None:
+    record("rope_kv_append")
     if face == "triton":
         from anygpt_engine.kernels import attention as kernels
 
@@ -239,12 +243,14 @@ def varlen_attention(q, k, v, cu_seqlens_q, max_q_len: int, *, causal: bool = Tr
 
 
 @torch.library.custom_op("anygpt_engine::varlen_attention_kernel", mutates_args=("out",))
+@on_tensor_device
 def _varlen_attention_kernel(out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              cu_seqlens_q: torch.Tensor, max_q_len: int, scale: float, causal: bool,
                              kv_lens: torch.Tensor | None, block_tables: torch.Tensor | None,
                              cu_seqlens_k: torch.Tensor | None) -> None:
     from anygpt_engine.kernels import attention as kernels
 
+    record("varlen_attention")
     params = tuning.params("attention", q.device)
     # float32 tiles (no tensor-core path) need smaller blocks to stay in registers.
     tile = "prefill_fp32_" if q.dtype == torch.float32 else "prefill_"
@@ -337,9 +343,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
 
 
 @torch.library.custom_op("anygpt_engine::paged_decode_attention_kernel", mutates_args=("out", "part_out", "part_lse"))
+@on_tensor_device
 def _paged_decode_kernel(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                          block_tables: torch.Tensor, seq_lens: torch.Tensor, part_out: torch.Tensor,
                          part_lse: torch.Tensor, scale: float, face: str) -> None:
+    record("paged_decode_attention", 2 if face == "triton" or part_lse.shape[2] > 1 else 1)  # + the merge
     params = tuning.params("attention", q.device)
     batch, num_q_heads, head_dim = q.shape
     num_splits = part_lse.shape[2]

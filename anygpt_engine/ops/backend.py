@@ -1,7 +1,8 @@
 """The one place that decides which face of an op runs: CUDA C++, Triton or the torch reference.
 
 Order of precedence: the op call's `backend=` argument, then the environment variable
-ANYGPT_BACKEND (e.g. `torch` to force the reference everywhere), then the default:
+ANYGPT_BACKEND (e.g. `torch` to force the reference everywhere, or `linear=triton,lm_head=torch`
+to force single ops by name and leave the others to the default), then the default:
 CPU tensors take the torch reference; CUDA tensors take the first available of the op's
 preferred faces (its tuning table may name the faster one per shape and GPU).
 """
@@ -25,6 +26,20 @@ def triton_available() -> bool:
     return True
 
 
+def _from_environment(op: str) -> str | None:
+    """ANYGPT_BACKEND's face for `op`: the whole value, or this op's entry of `op=face,...`."""
+    value = os.environ.get("ANYGPT_BACKEND") or None
+    if value is None or "=" not in value:
+        return value
+    for entry in value.split(","):
+        name, _, face = entry.partition("=")
+        if not face:
+            raise ValueError(f"ANYGPT_BACKEND={value!r}: expected a face or comma-separated op=face entries")
+        if name.strip() == op:
+            return face.strip()
+    return None
+
+
 def choose(op: str, device: torch.device, requested: str | None, preferred: tuple[str, ...],
            supported: tuple[str, ...]) -> str:
     """Backend for one call of `op` on `device`.
@@ -32,7 +47,7 @@ def choose(op: str, device: torch.device, requested: str | None, preferred: tupl
     `preferred` lists the faces to try on a GPU, fastest first; `supported` is every face
     the op has. An explicit request that cannot run raises instead of silently falling back.
     """
-    choice = requested or os.environ.get("ANYGPT_BACKEND") or None
+    choice = requested or _from_environment(op)
     if choice is not None:
         if choice not in BACKENDS:
             raise ValueError(f"backend={choice!r} for {op}, expected one of {BACKENDS}")

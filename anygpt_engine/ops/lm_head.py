@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from anygpt_engine import tuning
 from anygpt_engine.ops import backend as _backend
-from anygpt_engine.ops._extension import check_same, dtype_code
+from anygpt_engine.ops._extension import check_same, dtype_code, on_tensor_device
+from anygpt_engine.ops.launches import record
 from anygpt_engine.ops.rms_norm import rms_norm_reference
 
 
@@ -68,11 +69,13 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torc
 
 
 @torch.library.custom_op("anygpt_engine::lm_head_kernel", mutates_args=("out",))
+@on_tensor_device
 def _lm_head_kernel(out: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor, weight: torch.Tensor,
                     rows: torch.Tensor, eps: float) -> None:
     """The Triton launch on checked arguments (registered so torch.compile and graphs see it)."""
     from anygpt_engine.kernels import lm_head as kernels
 
+    record("lm_head")
     params = tuning.params("lm_head", x.device)
     # float32 tiles (no tensor cores) take a shorter k step to stay in registers.
     block_k = params["fp32_block_k" if x.dtype == torch.float32 else "block_k"]

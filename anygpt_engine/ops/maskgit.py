@@ -34,7 +34,8 @@ import torch
 
 from anygpt_engine import tuning
 from anygpt_engine.ops import backend as _backend
-from anygpt_engine.ops._extension import cuda_stream_handle, dtype_code, extension
+from anygpt_engine.ops._extension import cuda_stream_handle, dtype_code, extension, on_tensor_device
+from anygpt_engine.ops.launches import record
 from anygpt_engine.sampling import MASK32, hash32, unit_interval
 
 _SUPPORTED = ("torch", "triton", "cuda")
@@ -177,11 +178,13 @@ def maskgit_step(logits: torch.Tensor, codes: torch.Tensor, open_mask: torch.Ten
 
 
 @torch.library.custom_op("anygpt_engine::maskgit_step_kernel", mutates_args=("codes", "open_mask"))
+@on_tensor_device
 def _maskgit_step_kernel(logits: torch.Tensor, codes: torch.Tensor, open_mask: torch.Tensor, lengths: torch.Tensor,
                          prompt_lengths: torch.Tensor, counts: torch.Tensor, seeds: torch.Tensor,
                          uniform: torch.Tensor | None, counter: int, temperature: float, greedy: bool, keep: int,
                          level: int, face: str) -> None:
     """Launches one kernel face on checked arguments (registered so torch.compile sees it)."""
+    record("maskgit_step")
     b, n, q = codes.shape
     # Per-position confidence and per-item arrival counters of the fused selection.
     confidence = torch.empty(b, n * q, dtype=torch.float32, device=logits.device)

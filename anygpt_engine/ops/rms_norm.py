@@ -14,7 +14,8 @@ import torch
 
 from anygpt_engine import tuning
 from anygpt_engine.ops import backend as _backend
-from anygpt_engine.ops._extension import check_same, cuda_stream_handle, dtype_code, extension
+from anygpt_engine.ops._extension import check_same, cuda_stream_handle, dtype_code, extension, on_tensor_device
+from anygpt_engine.ops.launches import record
 
 _SUPPORTED = ("torch", "cpp", "triton", "cuda")
 _PREFERRED_ON_GPU = ("cuda", "triton")
@@ -97,9 +98,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: tor
 
 
 @torch.library.custom_op("anygpt_engine::rms_norm_kernel", mutates_args=("out", "residual"))
+@on_tensor_device
 def _rms_norm_kernel(out: torch.Tensor, residual: torch.Tensor | None, x: torch.Tensor, weight: torch.Tensor,
                      eps: float, face: str) -> None:
     """Launches one kernel face on checked arguments (registered so torch.compile sees it)."""
+    record("rms_norm")
     hidden = x.shape[-1]
     x2 = _rows(x)
     out2 = out.view(-1, hidden)

@@ -37,7 +37,8 @@ import torch
 
 from anygpt_engine import tuning
 from anygpt_engine.ops import backend as _backend
-from anygpt_engine.ops._extension import cuda_stream_handle, dtype_code, extension
+from anygpt_engine.ops._extension import cuda_stream_handle, dtype_code, extension, on_tensor_device
+from anygpt_engine.ops.launches import record
 
 _SUPPORTED = ("torch", "triton", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16")
@@ -346,12 +347,14 @@ def rvq_encode(x: torch.Tensor, codebooks, *, return_quantized: bool = False, re
 
 
 @torch.library.custom_op("anygpt_engine::rvq_encode_triton", mutates_args=("codes", "residual", "quantized"))
+@on_tensor_device
 def _rvq_encode_triton(codes: torch.Tensor, residual: torch.Tensor, quantized: torch.Tensor | None, x: torch.Tensor,
                        embed: torch.Tensor, low: torch.Tensor, norms: torch.Tensor, emax: torch.Tensor,
                        demax: torch.Tensor, precision: str, block_m: int, block_n: int, block_k: int, candidates: int,
                        num_warps: int, num_stages: int, tma: bool) -> None:
     from anygpt_engine.kernels import rvq as triton_rvq
 
+    record("rvq_encode")
     triton_rvq.rvq_encode(codes, residual, quantized, x, embed, low, norms, emax, demax, precision=precision,
                           dot_in_fp32=_interpreting(), block_m=block_m, block_n=block_n, block_k=block_k,
                           candidates=candidates, num_warps=num_warps, num_stages=num_stages, tma=tma)
@@ -364,8 +367,10 @@ def _(codes, residual, quantized, x, embed, low, norms, emax, demax, precision, 
 
 
 @torch.library.custom_op("anygpt_engine::rvq_encode_cuda", mutates_args=("codes", "residual", "quantized"))
+@on_tensor_device
 def _rvq_encode_cuda(codes: torch.Tensor, residual: torch.Tensor, quantized: torch.Tensor | None, x: torch.Tensor,
                      embed: torch.Tensor, workspace: torch.Tensor) -> None:
+    record("rvq_encode")
     levels, size, dim = embed.shape
     extension().rvq_encode_cuda(codes.data_ptr(), residual.data_ptr(), quantized.data_ptr() if quantized is not None
                                 else 0, x.data_ptr(), x.stride(0), dtype_code("x", x), embed.data_ptr(),
@@ -421,10 +426,12 @@ def rvq_decode(codes: torch.Tensor, codebooks, *, first_level: int = 0, out: tor
 
 
 @torch.library.custom_op("anygpt_engine::rvq_decode_triton", mutates_args=("out",))
+@on_tensor_device
 def _rvq_decode_triton(out: torch.Tensor, codes: torch.Tensor, embed: torch.Tensor, first_level: int,
                        block_d: int) -> None:
     from anygpt_engine.kernels import rvq as triton_rvq
 
+    record("rvq_decode")
     triton_rvq.rvq_decode(out, codes, embed, first_level, block_d=block_d)
 
 
@@ -434,7 +441,9 @@ def _(out, codes, embed, first_level, block_d):
 
 
 @torch.library.custom_op("anygpt_engine::rvq_decode_cuda", mutates_args=("out",))
+@on_tensor_device
 def _rvq_decode_cuda(out: torch.Tensor, codes: torch.Tensor, embed: torch.Tensor, first_level: int) -> None:
+    record("rvq_decode")
     levels, size, dim = embed.shape
     extension().rvq_decode_cuda(out.data_ptr(), codes.data_ptr(), embed.data_ptr(), codes.shape[1], dim,
                                 codes.shape[0], first_level, levels, size, cuda_stream_handle(out.device))

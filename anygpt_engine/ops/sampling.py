@@ -42,7 +42,8 @@ import torch
 
 from anygpt_engine import tuning
 from anygpt_engine.ops import backend as _backend
-from anygpt_engine.ops._extension import cuda_stream_handle, extension
+from anygpt_engine.ops._extension import cuda_stream_handle, extension, on_tensor_device
+from anygpt_engine.ops.launches import record
 from anygpt_engine.sampling import (ModalityConstraint, SamplerWork, SamplingState, process_logits, uniform_noise,
                                     warp_logits)
 
@@ -175,6 +176,7 @@ def sample_tokens(logits: torch.Tensor, slots: torch.Tensor, state: SamplingStat
 
 @torch.library.custom_op("anygpt_engine::sample_tokens_kernel",
                          mutates_args=("out", "generated", "open_modality", "seen"))
+@on_tensor_device
 def _sample_tokens_kernel(logits: torch.Tensor, slots: torch.Tensor, out: torch.Tensor, temperature: torch.Tensor,
                           top_k: torch.Tensor, top_p: torch.Tensor, repetition_penalty: torch.Tensor,
                           min_new_tokens: torch.Tensor, seeds: torch.Tensor, generated: torch.Tensor,
@@ -182,6 +184,7 @@ def _sample_tokens_kernel(logits: torch.Tensor, slots: torch.Tensor, out: torch.
                           allowed: torch.Tensor, opens: torch.Tensor, closes: torch.Tensor, random: bool,
                           use_top_k: bool, use_top_p: bool, use_penalty: bool, face: str) -> None:
     """Launches one kernel face on checked arguments (registered so torch.compile sees it)."""
+    record("sample_tokens")
     rows, vocab = logits.shape
     params = tuning.params("sampling", logits.device)
     # Per-row scores between the passes (L2-resident on a GPU); only sampled rows write theirs.

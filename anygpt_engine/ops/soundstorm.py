@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from anygpt_engine import tuning
 from anygpt_engine.ops import backend as _backend
-from anygpt_engine.ops._extension import FLOAT_TYPES, check_tensor
+from anygpt_engine.ops._extension import FLOAT_TYPES, check_tensor, on_tensor_device
+from anygpt_engine.ops.launches import record
 
 _SUPPORTED = ("torch", "triton")
 _PREFERRED_ON_GPU = ("triton",)
@@ -107,11 +108,13 @@ def code_embedding(codes: torch.Tensor, semantic: torch.Tensor, code_embed: torc
 
 
 @torch.library.custom_op("anygpt_engine::code_embedding_kernel", mutates_args=("out",))
+@on_tensor_device
 def _code_embedding_kernel(out: torch.Tensor, codes: torch.Tensor, semantic: torch.Tensor, code_embed: torch.Tensor,
                            semantic_embed: torch.Tensor) -> None:
     """Launches the Triton face on checked arguments (registered so torch.compile sees it)."""
     from anygpt_engine.kernels import soundstorm as kernels
 
+    record("code_embedding")
     params = tuning.params("soundstorm", out.device)
     q = codes.shape[-1]
     kernels.code_embedding(out.view(-1, out.shape[-1]), codes.view(-1, q), semantic.view(-1), code_embed,
@@ -185,6 +188,7 @@ def add_layer_norm(residual: torch.Tensor, y: torch.Tensor | None = None, *, alp
 
 
 @torch.library.custom_op("anygpt_engine::add_layer_norm_kernel", mutates_args=("residual", "out"))
+@on_tensor_device
 def _add_layer_norm_kernel(residual: torch.Tensor, y: torch.Tensor | None, out: torch.Tensor | None,
                            post_weight: torch.Tensor | None, post_bias: torch.Tensor | None,
                            norm_weight: torch.Tensor | None, norm_bias: torch.Tensor | None, alpha: float,
@@ -192,6 +196,7 @@ def _add_layer_norm_kernel(residual: torch.Tensor, y: torch.Tensor | None, out: 
     """Launches the Triton face on checked arguments (registered so torch.compile sees it)."""
     from anygpt_engine.kernels import soundstorm as kernels
 
+    record("add_layer_norm")
     params = tuning.params("soundstorm", residual.device)
     dim = residual.shape[-1]
     kernels.add_layer_norm(residual.view(-1, dim), None if y is None else y.view(-1, dim),
@@ -254,11 +259,13 @@ def conformer_conv(u: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor,
 
 
 @torch.library.custom_op("anygpt_engine::conformer_conv_kernel", mutates_args=("out",))
+@on_tensor_device
 def _conformer_conv_kernel(out: torch.Tensor, u: torch.Tensor, lengths: torch.Tensor, weight: torch.Tensor,
                            bias: torch.Tensor, gamma: torch.Tensor, eps: float) -> None:
     """Launches the Triton face (two kernels; the GLU output lives in a scratch tensor)."""
     from anygpt_engine.kernels import soundstorm as kernels
 
+    record("conformer_conv", 2)  # GLU, then depthwise conv + norm
     params = tuning.params("soundstorm", u.device)
     g = torch.empty(out.shape, dtype=u.dtype, device=u.device)
     kernels.conformer_conv(out, g, u, lengths, weight, bias, gamma, eps, glu_rows=params["glu_rows"],
@@ -314,10 +321,12 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *,
 
 
 @torch.library.custom_op("anygpt_engine::grouped_linear_kernel", mutates_args=("out",))
+@on_tensor_device
 def _grouped_linear_kernel(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
     """Launches the Triton face on checked arguments (registered so torch.compile sees it)."""
     from anygpt_engine.kernels import soundstorm as kernels
 
+    record("grouped_linear")
     params = tuning.params("soundstorm", x.device)
     # float32 tiles (no tensor cores) take a shorter k step to stay in registers.
     block_k = params["gemm_fp32_block_k" if x.dtype == torch.float32 else "gemm_block_k"]

@@ -46,6 +46,36 @@ anygpt_status anygpt_rms_norm_cuda(void* out, void* residual, const void* x, con
                                    int64_t rows, int64_t hidden, int64_t x_row_stride, float eps,
                                    anygpt_dtype dtype, int threads_per_row, void* stream);
 
+// ---- Decode GEMV (contract: anygpt_engine/ops/gemv.py; formats: anygpt_engine/quantization.py) ----
+typedef enum {
+  ANYGPT_WEIGHT_DTYPE = 0,     // the activations' dtype: [rows, k]
+  ANYGPT_WEIGHT_INT8 = 1,      // int8 [rows, k], float32 scales [rows]: w = q * scale
+  ANYGPT_WEIGHT_FP8_E4M3 = 2,  // e4m3 bytes [rows, k], float32 scales [rows]: w = q * scale
+  ANYGPT_WEIGHT_INT4 = 3,      // uint8 [rows, k / 2] (element 2j low nibble, 2j + 1 high), float16 scales and
+                               // uint8 zeros [rows, k / 128]: w = (q - zero) * scale per group of 128 along k
+} anygpt_weight_format;
+
+typedef enum {
+  ANYGPT_EPILOGUE_NONE = 0,      // out = y
+  ANYGPT_EPILOGUE_RESIDUAL = 1,  // out += y in place (out is the residual stream), rounded once
+  ANYGPT_EPILOGUE_SILU_MUL = 2,  // the weight has 2 * n_out rows [gate; up]: out = silu(gate) * up
+} anygpt_gemv_epilogue;
+
+#define ANYGPT_GEMV_MAX_ROWS 16
+
+// y [m, n] = h @ dequant(W)^T for m <= ANYGPT_GEMV_MAX_ROWS rows, float32 accumulation, rounded to
+// `dtype` (of x, out and norm_weight); h = x, or with a non-null norm_weight [k] the RMSNorm of x with
+// HF's rounding points (as anygpt_rms_norm_cuda). Epilogues as above, with torch's rounding points
+// (silu(gate) rounded, then the product). x rows are `x_row_stride` elements apart, out rows
+// `out_row_stride`. k must be a multiple of one 16-byte weight vector (8 half, 4 float32, 16 int8/e4m3
+// values; int4: of 128), the weight 16-byte aligned. `threads` (64..512, a multiple of 32: one warp per
+// output row) comes from the tuning table.
+anygpt_status anygpt_gemv_cuda(void* out, const void* x, const void* weight, const void* scales, const uint8_t* zeros,
+                               const void* norm_weight, int64_t m, int64_t n_out, int64_t k, int64_t x_row_stride,
+                               int64_t out_row_stride, float eps, anygpt_dtype dtype,
+                               anygpt_weight_format weight_format, anygpt_gemv_epilogue epilogue, int threads,
+                               void* stream);
+
 // One MaskGIT step of SoundStorm's parallel decoding (contract: anygpt_engine/ops/maskgit.py), on a
 // CUDA stream, in one launch with no host sync. codes [B, frames, levels] int64 and open_mask (bool
 // bytes, same shape) are updated in place; logits [B, frames*levels, codebook_size] of

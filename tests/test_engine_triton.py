@@ -1,5 +1,5 @@
 """The engine through its Triton kernels on the CPU (Triton interpreter), as a GPU runs it: every
-op of the backbone, the LM head and the sampler forced to Triton (ANYGPT_BACKEND=triton) give
+op of the backbone (decode GEMVs and fused projections included), the LM head and the sampler forced to Triton (ANYGPT_BACKEND=triton) give
 the torch path's tokens, through packed and chunked prefill, decode steps with context splits,
 a restricted LM head inside a modality span and seeded sampling.
 
@@ -46,6 +46,7 @@ def test_triton_faces_give_the_torch_paths_tokens(monkeypatch):
     # Two context splits at most: the decode kernel still merges splits, the interpreter does less.
     with tuning.override("attention", decode_max_splits=2):
         got = Engine(CONFIG, **ENGINE).generate(PROMPTS, PARAMS)
-    assert faces == {(op, "triton") for op in ("rms_norm", "rope_kv_append", "varlen_attention",
-                                               "paged_decode_attention", "lm_head", "sample_tokens")}
+    assert faces == {(op, "triton") for op in ("rms_norm", "rope_kv_append", "varlen_attention", "linear",
+                                               "linear_rope_kv_append", "paged_decode_attention", "lm_head",
+                                               "sample_tokens")}
     assert got == expected

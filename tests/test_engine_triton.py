@@ -1,7 +1,8 @@
 """The engine through its Triton kernels on the CPU (Triton interpreter), as a GPU runs it: every
 op of the backbone (decode GEMVs and fused projections included), the LM head and the sampler
-forced to Triton (ANYGPT_BACKEND=triton) give the torch path's tokens, through packed and chunked prefill, decode steps with context splits,
-a restricted LM head inside a modality span and seeded sampling.
+forced to Triton (ANYGPT_BACKEND=triton) give the torch path's tokens, through packed and chunked
+prefill, decode steps with context splits, a restricted LM head inside a modality span and
+seeded sampling.
 
 The tiny preset's backbone with a 640-token vocabulary (a speech span at 400-601) keeps the
 interpreter to seconds: the LM head and the sampler cost it per vocabulary block."""

@@ -13,13 +13,14 @@
 #   bash scripts/gpu_check.sh OUT_DIR kernels  # the op families' GPU tests, sanitizer and benchmarks
 #   bash scripts/gpu_check.sh OUT_DIR attention-rvq  # only what the attention and RVQ targets need
 #                                              # (their GPU tests, sanitizer, tuned benchmarks): ~9 min
+#   bash scripts/gpu_check.sh OUT_DIR decode   # GEMV kernels, launches, bf16/int8/fp8/int4 decode: ~8 min
 #   bash scripts/gpu_check.sh OUT_DIR beam     # beam search: its GPU test, then bench_beam.py at
 #                                              # anygpt-7b (5 beams, greedy and beam-sample): ~5 min
 #   bash scripts/gpu_check.sh OUT_DIR speech   # text -> speech end to end at anygpt-7b (bench_speech.py): ~4 min
 #   bash scripts/gpu_check.sh OUT_DIR serving  # the serving targets (needs wheels/serving, see
 #                                              # scripts/serving_wheels.sh): ~6 min
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUT_DIR [core|kernels|attention-rvq|beam|speech|serving]}
+out=${1:?usage: scripts/gpu_check.sh OUT_DIR [core|kernels|attention-rvq|decode|beam|speech|serving]}
 mode=${2:-core}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -63,7 +64,7 @@ case "$mode" in
       name=$(basename "$bench" .py)
       limit=40 extra=()
       case "$name" in
-        bench_beam|bench_speech|bench_serving) continue ;;  # end to end at 7B, each in its own mode
+        bench_beam|bench_speech|bench_serving|bench_gemv) continue ;;  # each in its own mode
         bench_soundstorm) limit=80 ;;
         bench_attention) limit=150 extra=(--write-tuning) ;;
         bench_rvq) limit=120 extra=(--write-tuning --sizes 2000 32000) ;;
@@ -79,6 +80,19 @@ case "$mode" in
     step bench_attention 150 python benchmarks/bench_attention.py --json "$out/bench_attention.json" --write-tuning
     step bench_rvq 120 python benchmarks/bench_rvq.py --json "$out/bench_rvq.json" --write-tuning --sizes 2000 32000
     mkdir -p "$out/tuning" && cp anygpt_engine/tuning/*.json "$out/tuning/"
+    ;;
+  decode)
+    # The decode-floor targets: GEMV kernels (tile sweep and cuBLAS crossover recorded in
+    # tuning/gemv.json), launches per layer, and batch-1 decode in bf16 and each weight-only
+    # quantization (each against 16-bit in the same run): ~8 min.
+    step pytest_decode 150 "${pytest_gpu[@]}" tests/test_gemv.py tests/test_launches.py tests/test_quantized_engine.py
+    step sanitize_gemv 40 "${sanitize[@]}" tests/test_gemv.py -k cuda
+    step bench_gemv 150 python benchmarks/bench_gemv.py --write-tuning --json "$out/bench_gemv.json"
+    mkdir -p "$out/tuning" && cp anygpt_engine/tuning/*.json "$out/tuning/"
+    for quant in int8 fp8 int4; do
+      step "bench_b1_$quant" 80 anygpt-engine bench --batch-size 1 --quantization "$quant" --no-progress \
+        --json "$out/bench_b1_$quant.json"
+    done
     ;;
   beam)
     step pytest_beam 120 "${pytest_gpu[@]}" tests/test_beam_search.py
@@ -103,7 +117,7 @@ case "$mode" in
     step bench_serving 420 python benchmarks/bench_serving.py --json "$out/bench_serving.json" \
       --out-dir "$out/bench_serving"
     ;;
-  *) echo "unknown mode $mode (core, kernels, attention-rvq, beam, speech or serving)"; exit 2 ;;
+  *) echo "unknown mode $mode (core, kernels, attention-rvq, decode, beam, speech or serving)"; exit 2 ;;
 esac
 
 python - "$out" <<'PY'

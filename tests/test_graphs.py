@@ -80,12 +80,14 @@ class _Stream:
 
 
 def _recorded(step_fn):
+    """step_fn returns a tuple of output tensors (the sampled ids and the logits); a replay
+    recomputes them into the captured outputs, as a CUDA graph writes its static outputs."""
     def step(inputs):
-        out = step_fn(inputs)
+        outs = step_fn(inputs)
         graph = _Graph.capturing
         if graph is not None:
-            graph.step = lambda: out.copy_(step_fn(inputs))
-        return out
+            graph.step = lambda: [out.copy_(new) for out, new in zip(outs, step_fn(inputs))]
+        return outs
     return step
 
 
@@ -96,9 +98,6 @@ def _stand_in_graphs(engine, monkeypatch, widths):
                         ("stream", lambda stream: contextlib.nullcontext()), ("CUDAGraph", _Graph),
                         ("graph", _capture), ("synchronize", lambda device=None: None)):
         monkeypatch.setattr(torch.cuda, name, value)
-    # On the CPU the sampler checks its rows' parameters (on a GPU that would sync, so it does not);
-    # the scratch slot padding rows sample into was never assigned (top_p 0): make it greedy.
-    engine.sampling_state.assign(engine.scratch_slot, SamplingParams.greedy(1), 0, [0], (), 0)
     with torch.inference_mode():
         engine.graphs = DecodeGraphs(_recorded(engine._decode_forward), buckets(engine.scheduler.max_batch_size),
                                      widths, engine.scratch_slot, engine.config.vocab_size, engine.device)

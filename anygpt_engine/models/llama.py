@@ -93,6 +93,9 @@ class Llama(nn.Module):
         return self.tok_embeddings if self.output is None else self.output
 
     # -- pieces --------------------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.tok_embeddings)
+
     def attention(self, block: Block, h: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                   slot_mapping: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor,
                   runs: PrefillRuns | None) -> torch.Tensor:
@@ -143,7 +146,7 @@ class Llama(nn.Module):
         elif runs is not None and b != 1:
             raise ValueError(f"a packed prefill is one row of tokens [1, T], got a batch of {b}")
         with nvtx_range("anygpt/op/embedding"):
-            residual = F.embedding(tokens, self.tok_embeddings)
+            residual = self.embed(tokens)
         with nvtx_range("anygpt/op/rms_norm"):
             h = ops.rms_norm(residual, self.layers[0].attention_norm, c.rms_norm_eps)
         for i, block in enumerate(self.layers):

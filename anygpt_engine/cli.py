@@ -15,7 +15,10 @@ def _bench(args) -> int:
     report = bench.benchmark(model=args.model, weights=args.weights, batch_size=args.batch_size,
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=args.dtype,
                              device=args.device, compare=args.compare, seed=args.seed,
-                             progress=not args.no_progress, modality=args.modality)
+                             progress=not args.no_progress, modality=args.modality,
+                             tensor_parallel_size=args.tensor_parallel_size)
+    if report is None:  # a tensor-parallel rank other than 0: rank 0 reports
+        return 0
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
@@ -154,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--modality", default=None, choices=["image", "speech", "music", "audio"],
                    help="end prompts with <soX>: decode inside that span (the LM head reads only its rows)")
     b.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    b.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="shard the model over the N ranks of a torchrun launch (docs/distributed.md)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_bench)
 

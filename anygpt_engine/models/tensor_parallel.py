@@ -55,6 +55,10 @@ class Shard:
     size: int
     group: object = None
     peers: list = field(default_factory=list)  # (hostname, pid) of every rank in the group
+    store: object = None  # the launcher's key-value store, where a rank that timed out says so
+    key: str = "anygpt/tp/0"
+
+    _joined = 0
 
     def __post_init__(self):
         c, n = self.config, self.size
@@ -87,7 +91,10 @@ class Shard:
             raise ValueError(f"tensor_parallel_size={size}, but the process group has {world} ranks")
         peers = [None] * size
         dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=group)
-        return cls(config, dist.get_rank(group), size, group, peers)
+        cls._joined += 1  # every rank builds its engines in the same order, so the keys agree
+        key = f"anygpt/tp/{peers[0][0]}/{peers[0][1]}/{cls._joined}"
+        return cls(config, dist.get_rank(group), size, group, peers, dist.distributed_c10d._get_default_store(), key)
+
 
     # -- collectives, with a failure that names the rank ---------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,8 +118,9 @@ class Shard:
             raise self.failure(err) from err
 
     def failure(self, err: BaseException) -> RankFailure:
-        """The ranks gone (a peer on this host whose pid has exited), waited for briefly: a
-        killed peer's sockets close a moment before its process is reaped."""
+        """Names the ranks gone: a peer on this host whose pid has exited (waited for briefly: a
+        killed peer's sockets close a moment before its process is reaped), else the peers that
+        did not report a timed-out collective of their own in the store (they hung elsewhere)."""
         host = socket.gethostname()
         local = [(r, pid) for r, (h, pid) in enumerate(self.peers) if h == host and r != self.rank]
         remote = [r for r, (h, _) in enumerate(self.peers) if h != host]
@@ -125,9 +133,28 @@ class Shard:
         if dead:
             names = ", ".join(f"rank {r} (pid {pid} on {host})" for r, pid in dead)
             return RankFailure(f"tensor-parallel rank {self.rank}: {names} exited; stopping. ({err})")
+        hung = self._silent_peers()
+        if hung:
+            names = ", ".join(f"rank {r} hung (pid {self.peers[r][1]} on {self.peers[r][0]})" for r in hung)
+            return RankFailure(f"tensor-parallel rank {self.rank}: {names}: it never reached the collective. ({err})")
         unchecked = f"; ranks on other hosts, not checkable from here: {remote}" if remote else ""
         return RankFailure(f"tensor-parallel rank {self.rank}: a collective failed or timed out with every rank on "
-                           f"this host alive, so a rank hung{unchecked}. ({err})")
+                           f"this host alive{unchecked}. ({err})")
+
+    def _silent_peers(self, wait_s: float = 2.0) -> list[int]:
+        if self.store is None:
+            return []
+        try:
+            self.store.set(f"{self.key}/timed_out/{self.rank}", "1")
+            deadline = time.monotonic() + wait_s
+            while True:
+                silent = [r for r in range(self.size)
+                          if r != self.rank and not self.store.check([f"{self.key}/timed_out/{r}"])]
+                if not silent or time.monotonic() > deadline:
+                    return silent
+                time.sleep(0.1)
+        except Exception:  # the store lived in a rank that is gone
+            return []
 
     # -- weights -------------------------------------------------------------------------------
     def hf_slice(self, hf_name: str) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:

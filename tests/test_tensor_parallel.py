@@ -103,7 +103,8 @@ def _wait(proc, seconds):
     try:
         return proc.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
-        pytest.fail(f"rank did not exit within {seconds} s: {proc.stdout.read1().decode(errors='replace')[-2000:]}")
+        proc.kill()
+        pytest.fail(f"rank did not exit within {seconds} s: {proc.communicate()[0].decode(errors='replace')[-2000:]}")
 
 
 def test_two_ranks_match_one_rank(checkpoints, tmp_path):

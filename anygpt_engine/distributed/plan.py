@@ -1,7 +1,7 @@
 """One scheduler: rank 0 runs the engine (add_request/step); before each model call it
 broadcasts the call's inputs (the step plan) and the other ranks replay the same call on their
 shards, so every collective inside it meets its peers. The plan travels on its own gloo group
-with no practical timeout (rank 0 may idle between requests); the model's collectives keep the
+with no practical timeout (rank 0 may idle between requests; Shard.join makes it); the model's collectives keep the
 launcher's timeout, so a rank that dies or hangs mid-step ends the others with a RankFailure
 naming it.
 
@@ -9,8 +9,6 @@ Wire format: a fixed header of int64 (op and sizes), then one int64 payload and,
 states, their raw bytes."""
 
 from __future__ import annotations
-
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -29,10 +27,8 @@ class _Channel:
             raise ValueError("engine must be built with tensor_parallel_size > 1 (this one runs on a single rank)")
         self.engine = engine
         self.shard = engine.model.shard
-        group = self.shard.group
-        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(self.shard.size))
-        self.source = ranks[0]
-        self.group = dist.new_group(ranks, timeout=timedelta(days=365), backend="gloo")
+        self.group = self.shard.plan_group
+        self.source = dist.get_global_rank(self.group, 0)
 
     def broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
         self.shard.guard(dist.broadcast, tensor, self.source, group=self.group)
@@ -156,7 +152,10 @@ def follow(engine) -> None:
 def run(engine, main):
     """Every rank calls this with its tensor-parallel engine: rank 0 returns main(engine), run
     while the others follow; the others return None once rank 0's main has returned or raised."""
-    if engine.model.shard.rank != 0:
+    shard = engine.model.shard
+    # Every rank built its engine: a rank that failed to (bad weights, out of memory) is named here.
+    shard.guard(dist.barrier, group=shard.group)
+    if shard.rank != 0:
         follow(engine)
         return None
     leader = Leader(engine)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from datetime import timedelta
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,7 @@ class Shard:
     peers: list = field(default_factory=list)  # (hostname, pid) of every rank in the group
     store: object = None  # the launcher's key-value store, where a rank that timed out says so
     key: str = "anygpt/tp/0"
+    plan_group: object = None  # gloo, no practical timeout: rank 0's step plans (anygpt_engine.distributed)
 
     _joined = 0
 
@@ -93,7 +95,12 @@ class Shard:
         dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=group)
         cls._joined += 1  # every rank builds its engines in the same order, so the keys agree
         key = f"anygpt/tp/{peers[0][0]}/{peers[0][1]}/{cls._joined}"
-        return cls(config, dist.get_rank(group), size, group, peers, dist.distributed_c10d._get_default_store(), key)
+        # Made here, while every rank is known to be alive (creating it later would wait for a rank
+        # that failed to load its weights as long as its timeout): rank 0 may idle between requests.
+        ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
+        plan_group = dist.new_group(ranks, timeout=timedelta(days=365), backend="gloo")
+        return cls(config, dist.get_rank(group), size, group, peers, dist.distributed_c10d._get_default_store(), key,
+                   plan_group)
 
 
     # -- collectives, with a failure that names the rank ---------------------------------------

@@ -134,7 +134,7 @@ def test_two_ranks_match_one_rank(checkpoints, tmp_path):
             assert (got_rows[:, legal] - ref_rows[:, legal]).abs().max() <= 1e-4 * ref_rows[:, legal].abs().max()
 
 
-@pytest.mark.parametrize("scenario", ["kill", "hang"])
+@pytest.mark.parametrize("scenario", ["kill", "hang", "badload"])
 def test_a_failed_rank_ends_the_other_naming_it(checkpoints, tmp_path, scenario):
     out = tmp_path / "error.json"
     timeout_s = 3
@@ -143,13 +143,13 @@ def test_a_failed_rank_ends_the_other_naming_it(checkpoints, tmp_path, scenario)
         start = time.monotonic()
         code = _wait(procs[0], 60)
         elapsed = time.monotonic() - start
-        if scenario == "kill":
-            assert procs[1].wait(timeout=5) == -signal.SIGKILL
+        if scenario != "hang":
+            assert procs[1].wait(timeout=5) == (-signal.SIGKILL if scenario == "kill" else 1)
     finally:
         _kill(procs)
     assert code == 3, procs[0].stdout.read().decode(errors="replace")[-3000:]
     error = json.loads(out.read_text())["error"]
-    if scenario == "kill":
+    if scenario != "hang":
         assert f"rank 1 (pid {procs[1].pid} on {socket.gethostname()}) exited" in error
     else:
         assert "rank 1 hung" in error and f"{timeout_s * 1000}ms" in error

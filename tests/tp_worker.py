@@ -4,8 +4,8 @@ torch.distributed's environment variables, as torchrun would).
     python tests/tp_worker.py SCENARIO OUT_JSON TIMEOUT_S CHECKPOINT...
 
 compare: for each checkpoint, rank 0 records `trace(engine)` into OUT_JSON.
-kill / hang: rank 1 SIGKILLs itself / sleeps mid-step (in its 8th feed-forward); rank 0 records
-the error it gets."""
+kill / hang: rank 1 SIGKILLs itself / sleeps mid-step (in its 8th feed-forward); badload: rank 1
+is given weights that do not match the checkpoint's config; rank 0 records the error it gets."""
 
 import itertools
 import json
@@ -69,7 +69,8 @@ def main() -> int:
     init_from_env(timeout_s=timeout_s)
     results = []
     for path in checkpoints:
-        engine = Engine(path, device="cpu", dtype=torch.float32, tensor_parallel_size=2)
+        weights = {"model.norm.weight": torch.ones(3)} if scenario == "badload" and os.environ["RANK"] == "1" else None
+        engine = Engine(path, weights, device="cpu", dtype=torch.float32, tensor_parallel_size=2)
         if scenario != "compare" and engine.model.shard.rank == 1:
             sabotage(engine, scenario)
         try:

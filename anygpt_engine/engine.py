@@ -85,6 +85,10 @@ class Engine:
     KV cache: `num_blocks` blocks of `block_size` tokens; without `num_blocks`, a CUDA engine
     takes `kv_cache_memory_fraction` of the free GPU memory (capped at what max_batch_size
     full-length sequences need) and a CPU engine exactly that cap.
+
+    tensor_parallel_size=N > 1: this process is one rank of a torch.distributed group (the world
+    group, or `process_group`) and holds one shard of the weights and of the KV cache
+    (models/tensor_parallel.py); anygpt_engine.distributed drives the ranks (docs/distributed.md).
     """
 
     def __init__(self, model: str | os.PathLike | ModelConfig = "tiny", weights=None, device=None, dtype=None, *,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -194,6 +195,11 @@ def main(argv=None) -> int:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
         print(f"anygpt-engine {args.command}: error: {err}", file=sys.stderr)
+        from anygpt_engine.models.tensor_parallel import RankFailure
+
+        if isinstance(err, RankFailure):  # torch's gloo teardown with a dead peer can abort at exit
+            sys.stderr.flush()
+            os._exit(2)
         return 2
 
 

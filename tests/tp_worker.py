@@ -78,7 +78,8 @@ def main() -> int:
         except RankFailure as err:
             with open(out_path, "w") as f:
                 json.dump({"error": str(err)}, f)
-            return 3
+            # Not a normal exit: torch's gloo teardown with a dead peer can abort (SIGABRT) at exit.
+            os._exit(3)
     if results[0] is not None:
         with open(out_path, "w") as f:
             json.dump(results, f)

@@ -211,3 +211,30 @@ def test_shard_slices_cover_the_model_once():
         vocab = [s.hf_slice("lm_head.weight")[0] for s in shards]
         assert [r for a, b in vocab for r in range(a, b)] == list(range(53))
         assert all(s.rows_per_rank == math.ceil(53 / ranks) for s in shards)
+
+
+def test_sharded_tensors_slice_the_safetensors_file(checkpoints):
+    """Each rank's part, read with get_slice, equals the same rows/columns of the whole tensor;
+    the vocabulary's last shard is zero-padded to ceil(V / N) rows."""
+    from anygpt_engine.models.tensor_parallel import Shard, sharded_tensors
+    from anygpt_engine.weights import iter_checkpoint
+
+    path = checkpoints["kv1"]
+    whole = dict(iter_checkpoint(path))
+    config = ModelConfig.from_pretrained(path)
+    for rank in range(2):
+        shard = Shard(config, rank, 2)
+        parts = dict(sharded_tensors(path, shard))
+        assert parts.keys() == whole.keys()
+        assert parts["model.layers.1.self_attn.k_proj.weight"].equal(whole["model.layers.1.self_attn.k_proj.weight"])
+        q = whole["model.layers.0.self_attn.q_proj.weight"]
+        assert parts["model.layers.0.self_attn.q_proj.weight"].equal(q[rank * 32:(rank + 1) * 32])
+        o = whole["model.layers.2.self_attn.o_proj.weight"]
+        assert parts["model.layers.2.self_attn.o_proj.weight"].equal(o[:, rank * 32:(rank + 1) * 32])
+        down = whole["model.layers.0.mlp.down_proj.weight"]
+        assert parts["model.layers.0.mlp.down_proj.weight"].equal(down[:, rank * 48:(rank + 1) * 48])
+        head = parts["lm_head.weight"]
+        assert head.shape == (151, 64)
+        rows = whole["lm_head.weight"][rank * 151:(rank + 1) * 151]
+        assert head[:len(rows)].equal(rows) and not head[len(rows):].any()
+        assert parts["model.norm.weight"].equal(whole["model.norm.weight"])

@@ -171,7 +171,7 @@ def weight_bytes_per_step(engine: Engine, batch_size: int) -> int:
 
 
 def kv_bytes_per_step(engine: Engine, batch_size: int, context: float) -> float:
-    c = engine.config
+    c = engine.model.config  # this rank's heads under tensor parallelism
     return 2 * c.num_layers * batch_size * c.num_kv_heads * c.head_dim * context * engine.dtype.itemsize
 
 
@@ -287,7 +287,17 @@ def compare_quantized(engine: Engine, prompts, result: dict, new_tokens: int, ma
 
 
 def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_tokens=None, dtype=None, device=None,
-              compare=None, seed=0, progress=True, modality=None, quantization=None) -> dict:
+              compare=None, seed=0, progress=True, modality=None, quantization=None,
+              tensor_parallel_size=1) -> dict | None:
+    """Decode benchmark of one engine. With tensor_parallel_size > 1, every rank of a torchrun
+    launch calls it: rank 0 returns the report, the others None (they follow rank 0's steps)."""
+    if tensor_parallel_size > 1:
+        if compare or quantization is not None:
+            raise ValueError(f"compare={compare!r} and quantization={quantization!r} need tensor_parallel_size=1 "
+                             "(their references load the whole model)")
+        from anygpt_engine.distributed import init_from_env
+
+        device = init_from_env()
     device = torch.device(device) if device is not None else default_device()
     if model == "auto":
         model = "anygpt-7b" if device.type == "cuda" else "tiny"
@@ -306,11 +316,53 @@ def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_toke
     load_start = time.perf_counter()
     def make_engine(mode):
         return Engine(model, weights=weights, device=device, dtype=resolve_dtype(dtype) if dtype else None,
-                      seed=seed, max_batch_size=batch_size, quantization=mode)
+                      seed=seed, max_batch_size=batch_size, quantization=mode,
+                      tensor_parallel_size=tensor_parallel_size)
 
     engine = make_engine(quantization)
     _sync(device)
     load_s = time.perf_counter() - load_start
+    if tensor_parallel_size == 1:
+        return _measure(engine, load_s, batch_size, prompt_len, new_tokens, compare, seed, progress, modality,
+                        quantization, make_engine)
+    from anygpt_engine.distributed import run
+
+    all_reduce_s = all_reduce_seconds(engine, batch_size)  # every rank, before rank 0 leads
+    report = run(engine, lambda e: _measure(e, load_s, batch_size, prompt_len, new_tokens, compare, seed, progress,
+                                            modality, None, None))
+    if report is not None:
+        layers = engine.config.num_layers
+        report.update({"tensor_parallel_size": tensor_parallel_size, "all_reduce_us": all_reduce_s * 1e6,
+                       # two all-reduces per layer (after wo and w2), one for the embedding
+                       "all_reduce_ms_per_step": (2 * layers + 1) * all_reduce_s * 1e3,
+                       "all_reduce_fraction_of_step": (2 * layers + 1) * all_reduce_s / (report["step_ms_p50"] / 1e3)})
+    return report
+
+
+def all_reduce_seconds(engine: Engine, batch_size: int, repeats: int = 50) -> float:
+    """Median time of one decode all-reduce ([batch, hidden] in the engine's dtype) on the
+    engine's tensor-parallel group; every rank must call it."""
+    import torch.distributed as dist
+
+    shard = engine.model.shard
+    x = torch.ones(batch_size, engine.config.hidden_size, device=engine.device, dtype=engine.dtype)
+    times = []
+    for i in range(repeats + 3):
+        dist.barrier(group=shard.group)
+        _sync(engine.device)
+        start = time.perf_counter()
+        dist.all_reduce(x, group=shard.group)
+        _sync(engine.device)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _measure(engine: Engine, load_s: float, batch_size: int, prompt_len: int, new_tokens: int, compare, seed: int,
+             progress: bool, modality, quantization, make_engine) -> dict:
+    """The report for `engine`; make_engine(mode) builds it again with another quantization
+    (the unquantized comparison and the reference run of a quantized engine)."""
+    device = engine.device
     prompts = _prompts(engine, batch_size, prompt_len, seed, modality)
 
     # Warm-up (allocator, kernels) on other prompts, so the timed run finds no cached prefix.
@@ -388,7 +440,8 @@ _ROWS = [
     ("greedy_tokens_equal_to_unquantized", "{:.1%}"), ("greedy_choices_equal_teacher_forced", "{:.1%}"),
     ("logits_max_abs_error", "{:.4g}"), ("logits_rel_error", "{:.2%}"), ("prefix_cache_hit_rate", "{:.1%}"),
     ("preemptions", "{}"), ("kv_blocks", "{:,}"), ("cuda_graphs", "{}"), ("graph_capture_s", "{:.2f}"),
-    ("graph_buckets_used", "{}"), ("sm_clock_mhz", "{}"),
+    ("graph_buckets_used", "{}"), ("tensor_parallel_size", "{}"), ("all_reduce_us", "{:.1f}"),
+    ("all_reduce_ms_per_step", "{:.3f}"), ("all_reduce_fraction_of_step", "{:.1%}"), ("sm_clock_mhz", "{}"),
     ("mem_clock_mhz", "{}"), ("power_w", "{:.0f}"), ("power_limit_w", "{:.0f}"), ("memory_used_gib", "{:.1f}"),
     ("memory_total_gib", "{:.1f}"), ("git_sha", "{}"), ("torch", "{}"),
 ]

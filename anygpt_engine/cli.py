@@ -18,7 +18,9 @@ def _bench(args) -> int:
                              prompt_len=args.prompt_len, new_tokens=args.new_tokens, dtype=args.dtype,
                              device=args.device, compare=args.compare, seed=args.seed,
                              progress=not args.no_progress, modality=args.modality,
-                             quantization=args.quantization)
+                             quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)
+    if report is None:  # a tensor-parallel rank other than 0: rank 0 reports
+        return 0
     print(bench.format_table(report))
     if args.json:
         bench.write_json(report, args.json)
@@ -188,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quantization", default=None, choices=["int8", "fp8", "int4"],
                    help="weight-only quantization; also reports logits error and greedy agreement vs 16-bit")
     b.add_argument("--json", default=None, metavar="PATH", help="also write the report as JSON")
+    b.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="shard the model over the N ranks of a torchrun launch (docs/distributed.md)")
     b.add_argument("--no-progress", action="store_true")
     b.set_defaults(func=_bench)
 
@@ -256,6 +260,11 @@ def main(argv=None) -> int:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as err:
         print(f"anygpt-engine {args.command}: error: {err}", file=sys.stderr)
+        from anygpt_engine.models.tensor_parallel import RankFailure
+
+        if isinstance(err, RankFailure):  # torch's gloo teardown with a dead peer can abort at exit
+            sys.stderr.flush()
+            os._exit(2)
         return 2
 
 

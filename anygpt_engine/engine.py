@@ -89,6 +89,10 @@ class Engine:
     KV cache: `num_blocks` blocks of `block_size` tokens; without `num_blocks`, a CUDA engine
     takes `kv_cache_memory_fraction` of the free GPU memory (capped at what max_batch_size
     full-length sequences need) and a CPU engine exactly that cap.
+
+    tensor_parallel_size=N > 1: this process is one rank of a torch.distributed group (the world
+    group, or `process_group`) and holds one shard of the weights and of the KV cache
+    (models/tensor_parallel.py); anygpt_engine.distributed drives the ranks (docs/distributed.md).
     """
 
     def __init__(self, model: str | os.PathLike | ModelConfig = "tiny", weights=None, device=None, dtype=None, *,
@@ -96,7 +100,8 @@ class Engine:
                  constrain_modalities: bool = True, seed: int = 0,
                  block_size: int = 16, num_blocks: int | None = None, kv_cache_memory_fraction: float = 0.4,
                  max_batch_size: int = 32, max_num_batched_tokens: int = 4096, enable_prefix_caching: bool = True,
-                 cuda_graphs: bool | None = None, quantization: str | None = None):
+                 cuda_graphs: bool | None = None, quantization: str | None = None, tensor_parallel_size: int = 1,
+                 process_group=None):
         checkpoint = None
         if isinstance(model, ModelConfig):
             config = model
@@ -111,6 +116,9 @@ class Engine:
         for name, value in (("max_batch_size", max_batch_size), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}, expected a positive int")
+        if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
+                or tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r}, expected a positive int")
         if not 0 < kv_cache_memory_fraction < 1:
             raise ValueError(f"kv_cache_memory_fraction={kv_cache_memory_fraction}, expected 0 < fraction < 1")
         self.quantization = check_mode(quantization)
@@ -122,14 +130,23 @@ class Engine:
             dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.dtype = resolve_dtype(dtype)
 
-        self.model = Llama(config, device=self.device, dtype=self.dtype)
+        self.tensor_parallel_size = tensor_parallel_size
         source = weights if weights is not None else checkpoint
+        if tensor_parallel_size == 1:
+            self.model = Llama(config, device=self.device, dtype=self.dtype)
+            if isinstance(source, dict):
+                source = source.items()
+        else:  # this rank's shard (models/tensor_parallel.py); anygpt_engine.distributed drives the ranks
+            from anygpt_engine.models.tensor_parallel import Shard, TensorParallelLlama, sharded_tensors
+
+            shard = Shard.join(config, tensor_parallel_size, process_group)
+            self.model = TensorParallelLlama(config, shard, device=self.device, dtype=self.dtype)
+            if source is not None:
+                source = sharded_tensors(source, shard)
         if source is None:
             self.model.init_random(seed)
-        elif isinstance(source, dict):
-            load_into(self.model, config, source.items())
         else:
-            load_into(self.model, config, source)
+            load_into(self.model, self.model.config, source)
         if self.quantization is not None:  # weight-only, from the loaded 16-bit matrices
             self.model.quantize(self.quantization)
         self.model.eval()
@@ -155,7 +172,7 @@ class Engine:
         blocks_per_seq = -(-config.max_seq_len // block_size)
         if num_blocks is None:
             num_blocks = self._default_num_blocks(blocks_per_seq * max_batch_size + 1, kv_cache_memory_fraction)
-        self.kv_cache = PagedKVCache(config, num_blocks, block_size, self.device, self.dtype)
+        self.kv_cache = PagedKVCache(self.model.config, num_blocks, block_size, self.device, self.dtype)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_batch_size,
                                    max_num_batched_tokens)
         # One sampling slot per schedulable row plus a scratch slot for padding and beam rows.
@@ -166,7 +183,10 @@ class Engine:
 
         self.graphs = None
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda"
+            cuda_graphs = self.device.type == "cuda" and tensor_parallel_size == 1
+        if cuda_graphs and tensor_parallel_size > 1:
+            raise ValueError(f"cuda_graphs=True with tensor_parallel_size={tensor_parallel_size}: tensor-parallel "
+                             "decode steps run eagerly (rank 0 broadcasts each step's inputs from the host)")
         if cuda_graphs:
             if self.device.type != "cuda":
                 raise ValueError("cuda_graphs=True needs a CUDA device")
@@ -191,7 +211,7 @@ class Engine:
         if self.device.type != "cuda":
             return enough
         free, _ = torch.cuda.mem_get_info(self.device)
-        per_block = PagedKVCache.bytes_per_block(self.config, self.block_size, self.dtype)
+        per_block = PagedKVCache.bytes_per_block(self.model.config, self.block_size, self.dtype)
         return max(2, min(enough, int(free * fraction) // per_block))
 
     def __repr__(self) -> str:
@@ -220,7 +240,7 @@ class Engine:
         prompt = self._prompt("prompt_ids", prompt_ids)
         n = len(prompt)
         num_blocks = -(-n // self.block_size)
-        kv = PagedKVCache(self.config, num_blocks + 1, self.block_size, self.device, self.dtype)
+        kv = PagedKVCache(self.model.config, num_blocks + 1, self.block_size, self.device, self.dtype)
         table = torch.arange(1, num_blocks + 1, device=self.device).unsqueeze(0)
         positions = torch.arange(n, device=self.device).unsqueeze(0)
         slot_mapping = table[0, positions // self.block_size] * self.block_size + positions % self.block_size

@@ -120,6 +120,14 @@ class Llama(nn.Module):
                 setattr(block, name, quantized)
 
     # -- pieces --------------------------------------------------------------------------------
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.embedding(tokens, self.tok_embeddings)
+
+    def add_projection(self, x: torch.Tensor, weight, residual: torch.Tensor) -> None:
+        """residual += x @ weight^T, the add fused into the projection's epilogue: the output
+        projections (wo, w2) of both sub-blocks. Tensor parallelism all-reduces here instead."""
+        ops.linear(x, weight, residual=residual)
+
     def attention(self, block: Block, residual: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor,
                   slot_mapping: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor,
                   runs: PrefillRuns | None) -> None:
@@ -150,13 +158,13 @@ class Llama(nn.Module):
             else:
                 out = attention.varlen_attention(q, kv[0], kv[1], runs.cu_seqlens_q, runs.max_q_len, causal=True,
                                                  kv_lens=runs.kv_lens, block_tables=runs.block_tables)
-        ops.linear(out.view(b, s, c.q_size), block.wo, residual=residual)
+        self.add_projection(out.view(b, s, c.q_size), block.wo, residual)
 
     def feed_forward(self, block: Block, residual: torch.Tensor) -> None:
         """Adds the MLP sub-block's output, w2(silu(gate) * up) of the normed residual, into it."""
         act = ops.linear(residual, block.w13, norm_weight=block.ffn_norm, eps=self.config.rms_norm_eps,
                          activation="silu_mul")
-        ops.linear(act, block.w2, residual=residual)
+        self.add_projection(act, block.w2, residual)
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_layers: list[torch.Tensor],
@@ -177,7 +185,7 @@ class Llama(nn.Module):
         elif runs is not None and b != 1:
             raise ValueError(f"a packed prefill is one row of tokens [1, T], got a batch of {b}")
         with nvtx_range("anygpt/op/embedding"):
-            residual = F.embedding(tokens, self.tok_embeddings)
+            residual = self.embed(tokens)
         for i, block in enumerate(self.layers):
             with nvtx_range("anygpt/op/attention"):
                 self.attention(block, residual, positions, kv_layers[i], slot_mapping, block_tables, kv_lens, runs)

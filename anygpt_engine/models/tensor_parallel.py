@@ -167,7 +167,7 @@ class Shard:
     # -- weights -------------------------------------------------------------------------------
     def hf_slice(self, hf_name: str) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
         """(rows, cols) of the HF tensor `hf_name` this rank holds (None: all)."""
-        c, d = self.config, self.config.head_dim
+        d = self.config.head_dim
         if hf_name.endswith("self_attn.q_proj.weight"):
             return (self.rank * self.num_heads * d, (self.rank + 1) * self.num_heads * d), None
         if hf_name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):

@@ -360,7 +360,7 @@ class OpenAIServer:
         return " ".join(p for p in pieces if p)
 
     async def _audio_part(self, where: str, audio) -> str:
-        speech = self._need_speech("input_audio", output=False)
+        self._need_speech("input_audio", output=False)
         if not isinstance(audio, dict) or not isinstance(audio.get("data"), str):
             raise bad(where, "input_audio needs {'data': base64 audio, 'format': 'wav'}")
         if audio.get("format", "wav") != "wav":

@@ -81,3 +81,16 @@ def check_same(name: str, tensor: torch.Tensor, like_name: str, like: torch.Tens
         raise ValueError(f"{name} is on {tensor.device}, expected {like.device} like {like_name}")
     if tensor.dtype != like.dtype:
         raise TypeError(f"{name}.dtype={tensor.dtype}, expected {like.dtype} like {like_name}")
+
+
+def as_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as [rows, features] with unit column stride; rows may be strided (no copy when possible).
+    Rows closer than a row apart (a broadcast x) are copied: the kernels read whole rows."""
+    features = x.shape[-1]
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    try:
+        rows = x.view(-1, features)
+    except RuntimeError:  # leading dims not collapsible
+        return x.contiguous().view(-1, features)
+    return rows if rows.shape[0] <= 1 or rows.stride(0) >= features else rows.contiguous()

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from anygpt_engine import tuning
 from anygpt_engine.ops import backend as _backend
-from anygpt_engine.ops._extension import (check_same, check_tensor, cuda_stream_handle, dtype_code, extension,
+from anygpt_engine.ops._extension import (as_rows, check_same, check_tensor, cuda_stream_handle, dtype_code, extension,
                                           on_tensor_device)
 from anygpt_engine.ops.launches import record
 from anygpt_engine.ops.rms_norm import rms_norm, rms_norm_reference
@@ -125,18 +125,6 @@ def _check(x, weight, norm_weight, eps, activation) -> tuple[int, int, int]:
     return x.numel() // k, n // 2 if activation == "silu_mul" else n, k
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as [M, K] with unit column stride; rows may be strided (no copy when possible)."""
-    k = x.shape[-1]
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    try:
-        rows = x.view(-1, k)
-    except RuntimeError:  # leading dims not collapsible
-        return x.contiguous().view(-1, k)
-    return rows if rows.shape[0] <= 1 or rows.stride(0) >= k else rows.contiguous()
-
-
 def _check_output(name, t, shape, x):
     check_same(name, t, "x", x)
     if tuple(t.shape) != tuple(shape) or not t.is_contiguous():
@@ -190,7 +178,7 @@ def linear(x: torch.Tensor, weight, *, norm_weight: torch.Tensor | None = None, 
         _check_output("residual", residual, shape, x)
     elif out is not None:
         _check_output("out", out, shape, x)
-    x2 = _rows(x)
+    x2 = as_rows(x)
     face = _face("linear", x2, weight, m, backend)
     if face == "torch":
         result = linear_reference(x, weight, norm_weight, eps, activation, residual)
@@ -318,7 +306,7 @@ def linear_rope_kv_append(x: torch.Tensor, weight, positions: torch.Tensor, slot
         q_out = torch.empty((m, num_heads, head_dim), dtype=x.dtype, device=x.device)
     else:
         _check_output("q_out", q_out, (m, num_heads, head_dim), x)
-    x2 = _rows(x)
+    x2 = as_rows(x)
     face = _face("linear_rope_kv_append", x2, weight, m, backend, rope=True)
     if face == "triton" and not _rope_tile_ok(tuning.params("gemv", x.device), head_dim, m):
         face = "cublas" if not isinstance(weight, QuantizedWeight) else "triton_unfused"

@@ -14,7 +14,8 @@ import torch
 
 from anygpt_engine import tuning
 from anygpt_engine.ops import backend as _backend
-from anygpt_engine.ops._extension import check_same, cuda_stream_handle, dtype_code, extension, on_tensor_device
+from anygpt_engine.ops._extension import (as_rows, check_same, cuda_stream_handle, dtype_code, extension,
+                                          on_tensor_device)
 from anygpt_engine.ops.launches import record
 
 _SUPPORTED = ("torch", "cpp", "triton", "cuda")
@@ -57,19 +58,6 @@ def _check(x, weight, eps, residual, out):
         raise ValueError("out and residual must be different tensors")
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x as [rows, hidden] with unit column stride; rows may be strided (no copy when possible)."""
-    hidden = x.shape[-1]
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    try:
-        rows = x.view(-1, hidden)
-    except RuntimeError:  # leading dims not collapsible
-        return x.contiguous().view(-1, hidden)
-    # Rows closer than a row apart (a broadcast x) are copied: the kernels read whole rows.
-    return rows if rows.shape[0] <= 1 or rows.stride(0) >= hidden else rows.contiguous()
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: torch.Tensor | None = None,
              out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """RMSNorm of x's last dimension; with `residual`, adds x into it in place first.
@@ -104,7 +92,7 @@ def _rms_norm_kernel(out: torch.Tensor, residual: torch.Tensor | None, x: torch.
     """Launches one kernel face on checked arguments (registered so torch.compile sees it)."""
     record("rms_norm")
     hidden = x.shape[-1]
-    x2 = _rows(x)
+    x2 = as_rows(x)
     out2 = out.view(-1, hidden)
     res2 = residual.view(-1, hidden) if residual is not None else None
     params = tuning.params("rms_norm", x.device)

@@ -19,6 +19,8 @@ def _bench(args) -> int:
                              device=args.device, compare=args.compare, seed=args.seed,
                              progress=not args.no_progress, modality=args.modality,
                              quantization=args.quantization, tensor_parallel_size=args.tensor_parallel_size)
+    if args.tensor_parallel_size > 1:
+        _leave_process_group()
     if report is None:  # a tensor-parallel rank other than 0: rank 0 reports
         return 0
     print(bench.format_table(report))
@@ -111,8 +113,6 @@ def _generate(args) -> int:
 
 def _serve(args) -> int:
     from anygpt_engine.serving.async_engine import AsyncEngine
-    from anygpt_engine.serving.server import OpenAIServer, run
-    from anygpt_engine.serving.speech import SpeechIO
 
     if args.max_waiting is not None and args.max_waiting < 0:
         raise ValueError(f"--max-waiting {args.max_waiting}, expected >= 0")
@@ -120,9 +120,39 @@ def _serve(args) -> int:
         import torch
 
         torch.set_num_threads(args.cpu_threads)
-    engine = AsyncEngine.from_model(args.model, max_waiting=args.max_waiting, device=args.device, dtype=args.dtype,
-                                    tokenizer=args.tokenizer, seed=args.seed, max_batch_size=args.max_batch_size,
-                                    num_blocks=args.num_blocks)
+    engine_kwargs = dict(device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, seed=args.seed,
+                         max_batch_size=args.max_batch_size, num_blocks=args.num_blocks)
+    if args.tensor_parallel_size < 1:
+        raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size}, expected a positive int")
+    if args.tensor_parallel_size == 1:
+        _serve_engine(args, AsyncEngine.from_model(args.model, max_waiting=args.max_waiting, **engine_kwargs))
+        return 0
+    # Every rank of the torchrun launch builds its shard; rank 0 serves HTTP while the others follow.
+    from anygpt_engine import distributed
+    from anygpt_engine.engine import Engine
+
+    if args.device is not None:
+        raise ValueError(f"--device {args.device} with --tensor-parallel-size {args.tensor_parallel_size}: each "
+                         "rank's device comes from torchrun (cuda:LOCAL_RANK, else the CPU)")
+    engine_kwargs["device"] = distributed.init_from_env()
+    engine = Engine(args.model, tensor_parallel_size=args.tensor_parallel_size, **engine_kwargs)
+    distributed.run(engine, lambda e: _serve_engine(args, AsyncEngine(e, max_waiting=args.max_waiting)))
+    _leave_process_group()
+    return 0
+
+
+def _leave_process_group() -> None:
+    """Explicitly, not at interpreter exit, where gloo's teardown can abort the process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _serve_engine(args, engine) -> None:
+    from anygpt_engine.serving.server import OpenAIServer, run
+    from anygpt_engine.serving.speech import SpeechIO
+
     try:
         speech = SpeechIO.from_files(tuple(args.speech_tokenizer) if args.speech_tokenizer else None, args.soundstorm,
                                      args.voice_prompt, device=engine.engine.device, vocab=engine.vocab)
@@ -133,8 +163,7 @@ def _serve(args) -> int:
         raise
     print(f"anygpt-engine serve: {engine.engine!r} as `{server.model_name}` on http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
-    run(server.app, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
-    return 0
+    run(server, host=args.host, port=args.port, log_level=args.log_level, access_log=args.access_log)
 
 
 def _plain_params(args):
@@ -243,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     s.add_argument("--cpu-threads", type=int, default=None, metavar="N",
                    help="torch intra-op threads (a CPU engine on a busy machine runs best with 1)")
+    s.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="shard the model over the N ranks of a torchrun launch; rank 0 serves (docs/distributed.md)")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     s.set_defaults(func=_serve)

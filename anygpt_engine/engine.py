@@ -18,6 +18,7 @@ engines with different models coexist in one process.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -183,19 +184,30 @@ class Engine:
 
         self.graphs = None
         if cuda_graphs is None:
-            cuda_graphs = self.device.type == "cuda" and tensor_parallel_size == 1
-        if cuda_graphs and tensor_parallel_size > 1:
-            raise ValueError(f"cuda_graphs=True with tensor_parallel_size={tensor_parallel_size}: tensor-parallel "
-                             "decode steps run eagerly (rank 0 broadcasts each step's inputs from the host)")
+            cuda_graphs = self.device.type == "cuda"
         if cuda_graphs:
             if self.device.type != "cuda":
                 raise ValueError("cuda_graphs=True needs a CUDA device")
-            widths = [w for w in buckets(blocks_per_seq, start=8) if w <= blocks_per_seq] or [blocks_per_seq]
-            if widths[-1] < blocks_per_seq:
-                widths.append(blocks_per_seq)
-            with torch.inference_mode():
-                self.graphs = DecodeGraphs(self._decode_forward, buckets(max_batch_size), widths, self.scratch_slot,
-                                           config.vocab_size, self.device)
+            self.graphs = self._capture_decode_graphs(max_batch_size, blocks_per_seq)
+
+    def _capture_decode_graphs(self, max_batch_size: int, blocks_per_seq: int) -> DecodeGraphs:
+        """A graph per (batch, block-table width) bucket. Tensor-parallel ranks capture in
+        lockstep: each makes the same calls itself, so the warm-up runs' collectives meet their
+        peers and each rank's graphs hold its all-reduces; rank 0 then publishes every replay's
+        inputs (anygpt_engine.distributed)."""
+        widths = [w for w in buckets(blocks_per_seq, start=8) if w <= blocks_per_seq] or [blocks_per_seq]
+        if widths[-1] < blocks_per_seq:
+            widths.append(blocks_per_seq)
+        tensor_parallel = self.tensor_parallel_size > 1
+        step = self._decode_forward
+        if tensor_parallel and self.model.shard.rank != 0:
+            # A follower's steps feed only the collectives: rank 0 samples (and holds the requests' sampling state).
+            def step(inputs):
+                return self._decode_forward(inputs, None)[1:]
+        with torch.inference_mode(), self.model.in_lockstep() if tensor_parallel else contextlib.nullcontext():
+            # thread_local: the process group's watchdog thread may query events while we capture
+            return DecodeGraphs(step, buckets(max_batch_size), widths, self.scratch_slot, self.config.vocab_size,
+                                self.device, capture_error_mode="thread_local" if tensor_parallel else "global")
 
     def _default_vocab(self, checkpoint: Path | None) -> Vocabulary:
         if checkpoint is not None:

@@ -88,7 +88,7 @@ def main() -> None:
 
     engine = AsyncEngine.from_model("tiny", device="cpu", tokenizer=args.tokenizer, num_blocks=400, max_batch_size=8)
     server = OpenAIServer(engine, model_name="tiny-chat", speech=tiny_speech(engine.vocab))
-    run(server.app, port=args.port)
+    run(server, port=args.port)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,14 @@
 """CUDA-graph decode (runtime/graphs.py) on the CPU: buckets, padding and static buffers, with the
-CUDA graph replaced by a recorded eager call. Capture records the step function's static input
-and output buffers; replay reruns the step on them. Only the capture itself is left to the GPU
-tests (tests/test_gpu_runtime.py)."""
-
-import contextlib
+CUDA graph replaced by a recorded eager call (tests/graph_stand_in.py). Only the capture itself
+is left to the GPU tests (tests/test_gpu_runtime.py)."""
 
 import pytest
 import torch
 
 from anygpt_engine import Engine, ModelConfig, SamplingParams, Vocabulary
-from anygpt_engine.runtime.graphs import DecodeGraphs, DecodeInputs, bucket_for, buckets
+from anygpt_engine.runtime.graphs import DecodeInputs, bucket_for, buckets
 from anygpt_engine.vocab import ModalitySpan
+from graph_stand_in import patch_cuda, stand_in_graphs
 
 
 def test_buckets_are_powers_of_two_up_to_the_limit():
@@ -50,59 +48,6 @@ def test_fill_pads_every_row_and_column_past_the_batch():
     assert inputs.head_rows.tolist() == [100, 52]
 
 
-class _Graph:
-    """Stands in for torch.cuda.CUDAGraph: what the step computes while it is being captured is
-    recomputed, into the same output buffer, by each replay."""
-    capturing = None
-
-    def __init__(self):
-        self.step = None
-
-    def replay(self):
-        self.step()
-
-
-@contextlib.contextmanager
-def _capture(graph, pool=None):
-    _Graph.capturing = graph
-    try:
-        yield
-    finally:
-        _Graph.capturing = None
-
-
-class _Stream:
-    def __init__(self, device=None):
-        pass
-
-    def wait_stream(self, other):
-        pass
-
-
-def _recorded(step_fn):
-    """step_fn returns a tuple of output tensors (the sampled ids and the logits); a replay
-    recomputes them into the captured outputs, as a CUDA graph writes its static outputs."""
-    def step(inputs):
-        outs = step_fn(inputs)
-        graph = _Graph.capturing
-        if graph is not None:
-            graph.step = lambda: [out.copy_(new) for out, new in zip(outs, step_fn(inputs))]
-        return outs
-    return step
-
-
-def _stand_in_graphs(engine, monkeypatch, widths):
-    """The engine's DecodeGraphs on the CPU (an Engine builds them only on CUDA), captured as the
-    engine captures them: one per (batch bucket, width bucket), padding rows on the scratch slot."""
-    for name, value in (("graph_pool_handle", lambda: None), ("Stream", _Stream), ("current_stream", _Stream),
-                        ("stream", lambda stream: contextlib.nullcontext()), ("CUDAGraph", _Graph),
-                        ("graph", _capture), ("synchronize", lambda device=None: None)):
-        monkeypatch.setattr(torch.cuda, name, value)
-    with torch.inference_mode():
-        engine.graphs = DecodeGraphs(_recorded(engine._decode_forward), buckets(engine.scheduler.max_batch_size),
-                                     widths, engine.scratch_slot, engine.config.vocab_size, engine.device)
-
-
 def test_graph_replay_gives_eager_tokens(monkeypatch):
     """Requests end at different steps, so the batch shrinks through the buckets (8 -> 4 -> 2 -> 1)
     and a bucket is reused by a smaller batch than it last held; contexts grow past a width
@@ -124,7 +69,8 @@ def test_graph_replay_gives_eager_tokens(monkeypatch):
     eager = Engine(config, **engine)
     expected = eager.generate(prompts, params)
     graphed = Engine(config, **engine)
-    _stand_in_graphs(graphed, monkeypatch, [8, 16])
+    patch_cuda(monkeypatch.setattr)
+    stand_in_graphs(graphed)
     assert len(graphed.graphs) == 4 * 2
     assert graphed.generate(prompts, params) == expected
     assert graphed.head_rows_read == eager.head_rows_read < 640 * sum(len(o) - 1 for o in expected)

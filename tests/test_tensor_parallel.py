@@ -10,12 +10,14 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from anygpt_engine import Engine, ModelConfig
+from anygpt_engine import Engine, ModelConfig, SamplingParams
 
 transformers = pytest.importorskip("transformers")
 
@@ -134,6 +136,24 @@ def test_two_ranks_match_one_rank(checkpoints, tmp_path):
             assert (got_rows[:, legal] - ref_rows[:, legal]).abs().max() <= 1e-4 * ref_rows[:, legal].abs().max()
 
 
+def test_two_ranks_replaying_decode_graphs_match_one_rank(checkpoints, tmp_path):
+    """Decode steps from captured graphs (CUDA graphs stood in for on the CPU): both ranks capture
+    in lockstep, rank 0 publishes each replay's inputs and both replay their own graph; tokens
+    equal one eager rank's through aborts, a late arrival and beam forks."""
+    out = tmp_path / "trace.json"
+    procs = _ranks("graphs", out, 60, [checkpoints["gqa2"]])
+    try:
+        codes = [_wait(p, 120) for p in procs]
+        logs = [p.stdout.read().decode(errors="replace")[-3000:] for p in procs]
+    finally:
+        _kill(procs)
+    assert codes == [0, 0], logs
+    (two,) = json.loads(out.read_text())
+    one = trace(Engine(checkpoints["gqa2"], device="cpu", dtype=torch.float32))
+    assert two["generate"] == one["generate"] and two["serve"] == one["serve"]
+    assert [4, 8] in two["graphs_used"] and [1, 8] in two["graphs_used"]  # every decode step was a replay
+
+
 @pytest.mark.parametrize("scenario", ["kill", "hang", "badload"])
 def test_a_failed_rank_ends_the_other_naming_it(checkpoints, tmp_path, scenario):
     out = tmp_path / "error.json"
@@ -238,3 +258,86 @@ def test_sharded_tensors_slice_the_safetensors_file(checkpoints):
         rows = whole["lm_head.weight"][rank * 151:(rank + 1) * 151]
         assert head[:len(rows)].equal(rows) and not head[len(rows):].any()
         assert parts["model.norm.weight"].equal(whole["model.norm.weight"])
+
+
+def _rank_pids(launcher_pid: int) -> dict[int, int]:
+    """RANK -> pid of the workers torchrun started."""
+    ranks = {}
+    for pid in _descendants(launcher_pid):
+        try:
+            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0") if
+                       "=" in kv)
+        except OSError:
+            continue
+        if "RANK" in env and "LOCAL_RANK" in env:
+            ranks[int(env["RANK"])] = pid
+    return ranks
+
+
+def _completion(base: str, prompt: list[int], max_tokens: int, stream: bool = False):
+    body = json.dumps({"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "return_token_ids": True, "stream": stream}).encode()
+    request = urllib.request.Request(base + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    return urllib.request.urlopen(request, timeout=60)
+
+
+@pytest.fixture()
+def tp_server(checkpoints, tmp_path, monkeypatch):
+    """`torchrun --nproc-per-node 2 -m anygpt_engine serve --tensor-parallel-size 2` on the GQA
+    checkpoint (2 KV heads, one per rank)."""
+    from serving_app import ServerProcess, free_port
+
+    for key, value in _env(0).items():
+        if key != "MASTER_PORT":
+            monkeypatch.setenv(key, value)
+    port = free_port()
+    proc = ServerProcess(["-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                          "--master-port", str(_free_port()), "-m", "anygpt_engine", "serve",
+                          "--tensor-parallel-size", "2", "--model", checkpoints["gqa2"], "--port", str(port),
+                          "--served-model-name", "m", "--num-blocks", "64", "--max-batch-size", "4"],
+                         port, tmp_path / "server.log", timeout=120)
+    try:
+        yield proc
+    finally:
+        _kill([proc.process])
+        proc._log_file.close()
+
+
+def test_torchrun_serve_gives_one_rank_tokens_and_stops_cleanly(checkpoints, tp_server):
+    """Rank 0 serves HTTP while rank 1 follows: greedy completions equal one rank's, a client that
+    drops its stream mid-way (an abort) leaves the next request exact, and SIGTERM to torchrun
+    drains rank 0, whose STOP releases rank 1 (which ignores the signal): no rank fails."""
+    one = Engine(checkpoints["gqa2"], device="cpu", dtype=torch.float32)
+    prompts = [[1, 17, 99, 250, 3], list(range(5, 60))]
+    expected = one.generate(prompts, SamplingParams.greedy(7))
+    with _completion(tp_server.base, prompts[0], 7) as r:
+        assert json.loads(r.read())["choices"][0]["token_ids"] == expected[0]
+    with _completion(tp_server.base, prompts[1], 40, stream=True) as r:
+        r.readline()  # the first event, then the client goes away
+    with _completion(tp_server.base, prompts[1], 7) as r:
+        assert json.loads(r.read())["choices"][0]["token_ids"] == expected[1]
+    ranks = _rank_pids(tp_server.process.pid)
+    assert sorted(ranks) == [0, 1]
+    tp_server.process.send_signal(signal.SIGTERM)  # torchrun forwards it to both ranks (and then exits 1 itself)
+    _wait(tp_server.process, 60)
+    assert all(not Path(f"/proc/{pid}").exists() for pid in ranks.values())
+    log = tp_server.log.read_text()
+    assert "serve: error" not in log and "SIGKILL" not in log, log[-3000:]  # no rank failed or had to be killed
+
+
+def test_torchrun_serve_exits_naming_a_lost_rank(tp_server):
+    """A follower killed while the server idles: the next request's step fails on rank 0, the
+    request gets an error, and the server exits (torchrun non-zero) naming rank 1."""
+    ranks = _rank_pids(tp_server.process.pid)
+    os.kill(ranks[1], signal.SIGKILL)
+    try:
+        with _completion(tp_server.base, [1, 2, 3], 5) as r:
+            status = r.status
+    except urllib.error.HTTPError as err:
+        status = err.code
+    except (urllib.error.URLError, ConnectionError):
+        status = None  # the server went down before it answered
+    assert status != 200
+    assert _wait(tp_server.process, 60) != 0
+    log = tp_server.log.read_text()
+    assert f"rank 1 (pid {ranks[1]} on {socket.gethostname()}) exited" in log, log[-3000:]

@@ -3,7 +3,8 @@ torch.distributed's environment variables, as torchrun would).
 
     python tests/tp_worker.py SCENARIO OUT_JSON TIMEOUT_S CHECKPOINT...
 
-compare: for each checkpoint, rank 0 records `trace(engine)` into OUT_JSON.
+compare: for each checkpoint, rank 0 records `trace(engine)` into OUT_JSON. graphs: the same with
+decode steps replayed from captured graphs (tests/graph_stand_in.py: CUDA graphs on the CPU).
 kill / hang: rank 1 SIGKILLs itself / sleeps mid-step (in its 8th feed-forward); badload: rank 1
 is given weights that do not match the checkpoint's config; rank 0 records the error it gets."""
 
@@ -17,6 +18,7 @@ import time
 import torch
 
 from anygpt_engine import Engine, SamplingParams
+from graph_stand_in import patch_cuda, stand_in_graphs
 
 PROMPTS = [[1, 17, 250, 3, 99, 42, 7], [1, 5], [1, 200, 100, 33, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
 HEAD_ROWS = [(0, 301), (100, 120), (160, 20), (5, 3), (150, 2)]  # 301 rows: rank 0 holds 0-150, rank 1 151-300
@@ -70,11 +72,17 @@ def main() -> int:
     results = []
     for path in checkpoints:
         weights = {"model.norm.weight": torch.ones(3)} if scenario == "badload" and os.environ["RANK"] == "1" else None
-        engine = Engine(path, weights, device="cpu", dtype=torch.float32, tensor_parallel_size=2)
-        if scenario != "compare" and engine.model.shard.rank == 1:
+        engine = Engine(path, weights, device="cpu", dtype=torch.float32, tensor_parallel_size=2,
+                        max_batch_size=8)
+        if scenario == "graphs":
+            patch_cuda(setattr)
+            stand_in_graphs(engine)
+        elif scenario != "compare" and engine.model.shard.rank == 1:
             sabotage(engine, scenario)
         try:
             results.append(run(engine, trace))
+            if results[-1] is not None and engine.graphs is not None:
+                results[-1]["graphs_used"] = sorted(engine.graphs.used)
         except RankFailure as err:
             with open(out_path, "w") as f:
                 json.dump({"error": str(err)}, f)
@@ -83,6 +91,7 @@ def main() -> int:
     if results[0] is not None:
         with open(out_path, "w") as f:
             json.dump(results, f)
+    torch.distributed.destroy_process_group()  # not left to interpreter exit, where gloo's teardown can abort
     return 0
 
 

@@ -5,20 +5,29 @@ with no practical timeout (rank 0 may idle between requests; Shard.join makes it
 launcher's timeout, so a rank that dies or hangs mid-step ends the others with a RankFailure
 naming it.
 
+With CUDA graphs, a decode step is one REPLAY: rank 0 sends the step's host inputs and every
+rank replays its own captured graph (the all-reduces inside it meet their peers on the device).
+
 Wire format: a fixed header of int64 (op and sizes), then one int64 payload and, for hidden
 states, their raw bytes."""
 
 from __future__ import annotations
+
+import contextlib
+import signal
+import threading
 
 import torch
 import torch.distributed as dist
 
 from anygpt_engine.models.llama import PrefillRuns
 from anygpt_engine.models.tensor_parallel import RankFailure, TensorParallelLlama
+from anygpt_engine.runtime.graphs import DecodeInputs
 from anygpt_engine.runtime.kv_cache import PagedKVCache
 
 _HEADER = 16
-STOP, FORWARD, LOGITS, HEAD, COPY_BLOCKS = range(5)
+_REPLAY_INPUTS = ("tokens", "positions", "slot_mapping", "block_tables", "slots", "head_rows")
+STOP, FORWARD, LOGITS, HEAD, COPY_BLOCKS, REPLAY = range(6)
 
 
 class _Channel:
@@ -49,6 +58,9 @@ class Leader(_Channel):
         self.copy_blocks = engine.kv_cache.copy_blocks
         engine.model.plan = self
         engine.kv_cache.copy_blocks = self._copy_blocks
+        self.replay = engine.graphs.run if engine.graphs is not None else None
+        if self.replay is not None:
+            engine.graphs.run = self._replay
 
     def _send(self, header: list[int], ints: list[torch.Tensor], raw: torch.Tensor | None = None) -> None:
         self.broadcast(torch.tensor(header + [0] * (_HEADER - len(header)), dtype=torch.int64))
@@ -61,6 +73,13 @@ class Leader(_Channel):
         if pairs:
             self._send([COPY_BLOCKS, len(pairs)], [torch.tensor(pairs)])
         self.copy_blocks(pairs)
+
+    def _replay(self, host: DecodeInputs):
+        """A captured decode step: its inputs go out, then every rank replays its own graph."""
+        self._send([REPLAY, *host.block_tables.shape], [getattr(host, name) for name in _REPLAY_INPUTS])
+        outputs = self.replay(host)
+        self.shard.wait_for_device(self.engine.device, "a decode graph replay")
+        return outputs
 
     def publish(self, method: str, *args) -> None:
         if method == "forward":
@@ -92,6 +111,8 @@ class Leader(_Channel):
     def detach(self) -> None:
         self.engine.model.plan = None
         self.engine.kv_cache.copy_blocks = self.copy_blocks
+        if self.replay is not None:
+            self.engine.graphs.run = self.replay
 
 
 class _Follower(_Channel):
@@ -111,6 +132,8 @@ class _Follower(_Channel):
                 engine.kv_cache.copy_blocks([tuple(p) for p in pairs])
             elif op == FORWARD:
                 self._forward(header, device)
+            elif op == REPLAY:
+                self._replay(header)
             elif op in (LOGITS, HEAD):
                 n = header[1]
                 rows = self.recv(2).to(device) if op == HEAD else None
@@ -119,6 +142,15 @@ class _Follower(_Channel):
                 model.logits(x) if op == LOGITS else model.head(x, rows)
             else:
                 raise RuntimeError(f"tensor-parallel rank {self.shard.rank}: unknown step-plan op {op} from rank 0")
+
+    def _replay(self, header: list[int]) -> None:
+        n, w = header[1:3]
+        sizes = [n, n, n, n * w, n, 2]
+        parts = self.recv(sum(sizes)).split(sizes)
+        host = DecodeInputs(**{name: part for name, part in zip(_REPLAY_INPUTS, parts)})
+        host.block_tables = host.block_tables.view(n, w)
+        self.engine.graphs.run(host)
+        self.shard.wait_for_device(self.engine.device, "a decode graph replay")
 
     def _forward(self, header: list[int], device) -> None:
         engine = self.engine
@@ -149,6 +181,23 @@ def follow(engine) -> None:
         follower.loop()
 
 
+@contextlib.contextmanager
+def _signals_ignored():
+    """A follower outlives SIGINT/SIGTERM (Ctrl-C reaches every rank of the terminal's process
+    group; torchrun forwards SIGTERM to all ranks): rank 0 drains its requests, which needs the
+    followers, then its STOP releases them. A follower whose leader is gone ends with a
+    RankFailure instead; torchrun's SIGKILL still ends it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def run(engine, main):
     """Every rank calls this with its tensor-parallel engine: rank 0 returns main(engine), run
     while the others follow; the others return None once rank 0's main has returned or raised."""
@@ -156,7 +205,8 @@ def run(engine, main):
     # Every rank built its engine: a rank that failed to (bad weights, out of memory) is named here.
     shard.guard(dist.barrier, group=shard.group)
     if shard.rank != 0:
-        follow(engine)
+        with _signals_ignored():
+            follow(engine)
         return None
     leader = Leader(engine)
     try:

@@ -19,6 +19,7 @@ gone (pids gathered at start: a rank on this host is checked directly).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -60,6 +61,7 @@ class Shard:
     store: object = None  # the launcher's key-value store, where a rank that timed out says so
     key: str = "anygpt/tp/0"
     plan_group: object = None  # gloo, no practical timeout: rank 0's step plans (anygpt_engine.distributed)
+    timeout_s: float = 600.0  # the group's collective timeout (the launcher's), also bounding graph replays
 
     _joined = 0
 
@@ -101,7 +103,7 @@ class Shard:
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(size))
         plan_group = dist.new_group(ranks, timeout=timedelta(days=365), backend="gloo")
         return cls(config, dist.get_rank(group), size, group, peers, dist.distributed_c10d._get_default_store(), key,
-                   plan_group)
+                   plan_group, _collective_timeout_s(group))
 
 
     # -- collectives, with a failure that names the rank ---------------------------------------
@@ -116,6 +118,20 @@ class Shard:
         with nvtx_range("anygpt/op/all_gather"):
             self.guard(dist.all_gather, parts, local.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)[:, :self.config.vocab_size]
+
+    def wait_for_device(self, device: torch.device, what: str) -> None:
+        """Waits for the work queued on `device`, bounded by the collective timeout: collectives
+        replayed inside a CUDA graph are invisible to the process group's watchdog, so a peer lost
+        mid-replay would otherwise hang this rank for ever."""
+        if device.type != "cuda":
+            return
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(device))
+        deadline = time.monotonic() + self.timeout_s
+        while not done.query():
+            if time.monotonic() > deadline:
+                raise self.failure(TimeoutError(f"{what} did not finish within {self.timeout_s:.0f} s"))
+            time.sleep(0)  # lets the serving thread run; a CUDA sync would spin the same way
 
     def guard(self, collective, *args, **kwargs):
         try:
@@ -217,21 +233,44 @@ def sharded_tensors(source, shard: Shard):
                 yield name, shard.take(name, tensor)
 
 
+def _collective_timeout_s(group) -> float:
+    """The timeout the launcher gave the group's collectives (torch keeps it in the backend's
+    options); torch's default where a backend does not say."""
+    pg = group if group is not None else dist.group.WORLD
+    for device in ("cuda", "cpu"):
+        try:
+            return pg._get_backend(torch.device(device)).options._timeout.total_seconds()
+        except (AttributeError, RuntimeError):  # no backend for this device, or no options
+            continue
+    return Shard.timeout_s
+
+
 class TensorParallelLlama(Llama):
     """One rank's shard of the backbone: a Llama over `shard.local_config` whose attention and
     output projections (wo, w2) end in an all-reduce, and whose embedding and heads are vocabulary-parallel.
 
     On rank 0, `plan` (set by anygpt_engine.distributed) broadcasts every call's inputs first,
-    so the other ranks run the same call; the other ranks' calls come from their follower loop."""
+    so the other ranks run the same call; the other ranks' calls come from their follower loop.
+    Inside `in_lockstep()` every rank makes the same calls itself (CUDA-graph capture at start-up)
+    and nothing is published."""
 
     def __init__(self, config: ModelConfig, shard: Shard, device=None, dtype=None):
         super().__init__(shard.local_config, device=device, dtype=dtype)
         self.full_config = config
         self.shard = shard
         self.plan = None
+        self._lockstep = False
+
+    @contextlib.contextmanager
+    def in_lockstep(self):
+        self._lockstep = True
+        try:
+            yield
+        finally:
+            self._lockstep = False
 
     def _publish(self, method: str, *args) -> None:
-        if self.shard.rank == 0:
+        if self.shard.rank == 0 and not self._lockstep:
             if self.plan is None:
                 raise RuntimeError("tensor-parallel rank 0 runs the model only while the other ranks follow: drive "
                                    "the engine through anygpt_engine.distributed.run (docs/distributed.md)")

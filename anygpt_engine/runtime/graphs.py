@@ -73,7 +73,8 @@ class DecodeGraphs:
     device work; `run` returns those outputs' first n rows."""
 
     def __init__(self, step_fn: Callable[[DecodeInputs], tuple[torch.Tensor, ...]], batch_sizes: list[int],
-                 widths: list[int], scratch_slot: int, vocab_size: int, device: torch.device):
+                 widths: list[int], scratch_slot: int, vocab_size: int, device: torch.device,
+                 capture_error_mode: str = "global"):
         self.batch_sizes = batch_sizes
         self.widths = widths
         self.scratch_slot = scratch_slot
@@ -92,7 +93,7 @@ class DecodeGraphs:
                         step_fn(inputs)  # warm-up: lazy initialisation stays out of the graph
                     torch.cuda.current_stream(device).wait_stream(side)
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
+                    with torch.cuda.graph(graph, pool=pool, capture_error_mode=capture_error_mode):
                         out = step_fn(inputs)
                     self._graphs[(batch, width)] = (graph, inputs, out)
         torch.cuda.synchronize(device)

@@ -306,6 +306,12 @@ class AsyncEngine:
                 self._commands.put(("stop", False))
         await asyncio.to_thread(self._thread.join)
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until the engine thread has exited (shut down, or stopped by an error: see
+        `error`) or `timeout` seconds pass; True if it has exited."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def close(self, drain: bool = False) -> None:
         """Synchronous shutdown, for code outside an event loop."""
         with self._lock:

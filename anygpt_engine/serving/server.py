@@ -26,6 +26,8 @@ import contextlib
 import dataclasses
 import hmac
 import json
+import signal
+import threading
 import time
 import uuid
 import weakref
@@ -556,9 +558,31 @@ def build_app(engine: AsyncEngine, **kwargs) -> FastAPI:
     return OpenAIServer(engine, **kwargs).app
 
 
-def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
+def run(server: OpenAIServer, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning",
         access_log: bool = False) -> None:
-    """Serves until SIGINT/SIGTERM; the engine then drains (for a bounded time) and stops."""
+    """Serves until SIGINT/SIGTERM; the engine then drains (for a bounded time) and stops. An
+    engine stopped by an error (a lost tensor-parallel rank, a device fault) stops the server too,
+    and the error is raised here: a server that can only answer 503 should exit so that its
+    supervisor restarts it."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=10)
+    http = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level=log_level,
+                                         access_log=access_log, timeout_graceful_shutdown=10))
+
+    def stop_when_the_engine_stops():
+        server.engine.wait()
+        http.should_exit = True
+
+    threading.Thread(target=stop_when_the_engine_stops, name="anygpt-engine-watch", daemon=True).start()
+    # uvicorn re-raises the SIGINT/SIGTERM that stopped it once it has shut down; a graceful stop
+    # returns here instead (a tensor-parallel rank 0 must still release its followers).
+    on_main = threading.current_thread() is threading.main_thread()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: None) for s in signals} if on_main else {}
+    try:
+        http.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if server.engine.error is not None:
+        raise server.engine.error

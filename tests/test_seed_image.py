@@ -111,7 +111,8 @@ def published(tmp_path_factory):
     vit, quant = random_tensors(vit_shapes, g), random_tensors(quant_shapes, g)
     # A trained codebook lies among the features: codewords are features of other images, moved a little.
     features_of, _ = float64_reading(vit, quant, C)
-    calibration = features_of(pixels(-(-C.codebook_size // C.num_query_tokens), seed=100).double()).reshape(-1, C.codebook_dim)
+    images = pixels(-(-C.codebook_size // C.num_query_tokens), seed=100).double()
+    calibration = features_of(images).reshape(-1, C.codebook_dim)
     pick = torch.randperm(calibration.shape[0], generator=g)[:C.codebook_size]
     quant["quantize.embedding.weight"] = (calibration[pick] + 0.03 * torch.randn(
         C.codebook_size, C.codebook_dim, generator=g, dtype=torch.float64)).float()
@@ -147,9 +148,9 @@ def float64_reading(vit, quant, c: SeedConfig):
          "post_layernorm.weight": t["ln_vision.weight"], "post_layernorm.bias": t["ln_vision.bias"]}
     for i in range(c.vit_depth):
         p, b = f"encoder.layers.{i}", f"blocks.{i}"
+        q_bias, v_bias = tv[f"{b}.attn.q_bias"], tv[f"{b}.attn.v_bias"]
         v.update({f"{p}.self_attn.qkv.weight": tv[f"{b}.attn.qkv.weight"],
-                  f"{p}.self_attn.qkv.bias": torch.cat([tv[f"{b}.attn.q_bias"], torch.zeros_like(tv[f"{b}.attn.q_bias"]),
-                                                        tv[f"{b}.attn.v_bias"]]),
+                  f"{p}.self_attn.qkv.bias": torch.cat([q_bias, torch.zeros_like(q_bias), v_bias]),
                   f"{p}.self_attn.projection.weight": tv[f"{b}.attn.proj.weight"],
                   f"{p}.self_attn.projection.bias": tv[f"{b}.attn.proj.bias"]})
         for ours, theirs in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("mlp.fc1", "mlp.fc1"),
@@ -183,13 +184,15 @@ def float64_reading(vit, quant, c: SeedConfig):
     layers = []
     h = c.qformer_hidden
     for i in range(c.decoder_depth):
-        layer = ViTLayer(ViTConfig(hidden_size=h, num_attention_heads=c.decoder_heads, intermediate_size=c.decoder_mlp_dim,
-                                   layer_norm_eps=1e-6, hidden_act="gelu", qkv_bias=True)).double().eval()
+        layer = ViTLayer(ViTConfig(hidden_size=h, num_attention_heads=c.decoder_heads,
+                                   intermediate_size=c.decoder_mlp_dim, layer_norm_eps=1e-6, hidden_act="gelu",
+                                   qkv_bias=True)).double().eval()
         b = f"blocks_image.{i}"
         qkv_w, qkv_b = t[f"{b}.attn.qkv.weight"], t[f"{b}.attn.qkv.bias"]
         s = {}
         for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            s[f"attention.{name}.weight"], s[f"attention.{name}.bias"] = qkv_w[j * h:(j + 1) * h], qkv_b[j * h:(j + 1) * h]
+            rows = slice(j * h, (j + 1) * h)
+            s[f"attention.{name}.weight"], s[f"attention.{name}.bias"] = qkv_w[rows], qkv_b[rows]
         for ours, theirs in (("attention.o_proj", "attn.proj"), ("layernorm_before", "norm1"),
                              ("layernorm_after", "norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
             s[f"{ours}.weight"], s[f"{ours}.bias"] = t[f"{b}.{theirs}.weight"], t[f"{b}.{theirs}.bias"]
@@ -281,6 +284,7 @@ def test_embedding_equals_a_float64_reading(tokenizer, reading):
     other[:, 5] = (other[:, 5] + 1) % C.codebook_size
     assert (tokenizer.embed(other) - ours).abs().amax(1).min() > 1e-3  # every code matters
     assert torch.equal(tokenizer.embed(codes[2]), tokenizer.embed(codes[2:3]))  # [Q] is one image
+    assert torch.equal(tokenizer.embed(codes[3].numpy()), tokenizer.embed(codes[3].tolist()))
 
 
 def test_pil_images_of_odd_sizes_and_modes(tokenizer):
@@ -495,6 +499,10 @@ def test_decode_draws_pictures_from_our_embeddings(published, tmp_path):
         tokenizer.decode(codes, guidance_scale=-1)
     with pytest.raises(ValueError, match="num_inference_steps=0"):
         tokenizer.decode(codes, num_inference_steps=0)
+    with pytest.raises(ValueError, match="height=4, expected an int >= 8"):
+        tokenizer.decode(codes, height=4)
+    with pytest.raises(ValueError, match="seed=-1"):
+        tokenizer.decode(codes, seed=-1)
     with pytest.raises(ValueError, match=rf"codes\[0, 0\]={C.codebook_size} is out of range"):
         tokenizer.decode(torch.full((1, 32), C.codebook_size))
     with pytest.raises(ValueError, match="takes 16-d image embeddings"):
@@ -510,3 +518,35 @@ def test_decode_without_diffusers_says_what_to_install(tokenizer, monkeypatch):
             tokenizer.load_diffusion("/nonexistent")
     finally:
         seed_codec._unclip_pipeline_class.cache_clear()
+
+
+def test_benchmark_quick_run(tmp_path, monkeypatch):
+    """benchmarks/bench_image.py --quick: both paths run on the same tiny network and agree."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_image.py"
+    spec = importlib.util.spec_from_file_location("bench_image", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(sys, "argv", ["bench_image.py", "--quick", "--json", str(tmp_path / "out.json")])
+    bench.main()
+    rows = json.loads((tmp_path / "out.json").read_text())["rows"]
+    assert [(r["batch"], r["op"]) for r in rows] == [(1, "encode"), (1, "embed"), (4, "encode"), (4, "embed")]
+    assert all(r["engine_ms"] > 0 and r["reference_ms"] > 0 for r in rows)
+    assert min(r["codes_equal_fraction"] for r in rows if r["op"] == "encode") >= 0.95
+    assert max(r["embed_max_relative_difference"] for r in rows if r["op"] == "embed") < 1e-5
+
+
+@pytest.mark.gpu
+def test_cuda_half_precision_agrees_with_float32(published, tokenizer):
+    """On CUDA the default dtype is float16 (AnyGPT's): flash attention, exact argmin on the
+    float16 network's features. Codes move only where float16 moves the features past a tie."""
+    gpu = codecs.SeedImageTokenizer.from_pretrained(published[0], config=C, device="cuda")
+    assert gpu.dtype == torch.float16
+    images = pixels(8, seed=7)
+    codes = gpu.encode(images.cuda()).cpu()
+    assert (codes == tokenizer.encode(images)).float().mean() >= 0.9
+    embeds = gpu.embed(codes.cuda()).cpu()
+    expected = tokenizer.embed(codes)
+    assert ((embeds - expected).abs().max() / expected.abs().max()).item() < 2e-2

@@ -63,7 +63,9 @@ class SeedImageTokenizer:
             raise ValueError(f"dtype={dtype}, expected torch.float32, float16, bfloat16 or float64")
         self.dtype = dtype
         self.config = config
-        self.net = SeedNet(config)
+        with torch.device("meta"):  # every parameter is then loaded or drawn: skip torch's initialisation
+            self.net = SeedNet(config)
+        self.net.to_empty(device=self.device)
         if state is None:
             self.net.init_random(seed)
             generator = torch.Generator().manual_seed(seed + 1)
@@ -165,7 +167,7 @@ class SeedImageTokenizer:
 
     def encode(self, images) -> torch.Tensor:
         """Codes int64 [B, num_query_tokens] of PIL image(s) (a single image gives B = 1) or of a
-        preprocessed float tensor [B, 3, S, S]; images never affect each other."""
+        preprocessed float tensor [B, 3, S, S]; each image is coded on its own."""
         features = self.features(images)
         return ops.rvq_encode(features, self.codebooks)[0]  # one level: [1, B, Q] -> [B, Q]
 
@@ -173,8 +175,9 @@ class SeedImageTokenizer:
     def _check_codes(self, name: str, codes) -> torch.Tensor:
         """codes as int64 [B, num_query_tokens] on the device; raises naming `name` for anything else."""
         if not isinstance(codes, torch.Tensor):
-            if not isinstance(codes, (list, tuple)):
-                raise TypeError(f"{name} must be a torch.Tensor (or list) of integer codes, got {type(codes).__name__}")
+            if not isinstance(codes, (list, tuple, np.ndarray)):
+                raise TypeError(f"{name} must be a torch.Tensor (or list, numpy array) of integer codes, got "
+                                f"{type(codes).__name__}")
             codes = torch.as_tensor(codes)
         if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
             raise TypeError(f"{name}.dtype={codes.dtype}, expected integer codes (int64)")
@@ -242,13 +245,10 @@ class SeedImageTokenizer:
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(
                 guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale!r}, expected a finite number >= 0 (> 1 enables guidance)")
-        for name, value, low in (("num_inference_steps", num_inference_steps, 1), ("seed", seed, 0),
-                                 ("height", height, 8), ("width", width, 8)):
-            if value is None and name != "num_inference_steps":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r}, expected an int >= {low}"
-                                 + ("" if name in ("num_inference_steps", "seed") else " (a multiple of 8)"))
+        _check_int("num_inference_steps", num_inference_steps, 1)
+        for name, value, low in (("seed", seed, 0), ("height", height, 8), ("width", width, 8)):
+            if value is not None:
+                _check_int(name, value, low)
         codes = self._check_codes("codes", codes)
         negatives = None
         if negative_codes is not None:
@@ -272,6 +272,11 @@ class SeedImageTokenizer:
             finally:
                 pipeline.negative_image_embeds = None
         return list(result.images)
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name}={value!r}, expected an int >= {low}")
 
 
 def _is_pil(obj) -> bool:

@@ -106,8 +106,13 @@ setup(
         # protobuf: transformers converts the tests' tokenizer.model files to tokenizer.json with it;
         # scipy: resample_poly, the oracle of codecs.audio.resample.
         # openai: the official client the serving tests drive the server with.
-        "test": ["pytest", "hypothesis", "transformers>=4.40", "einops", "protobuf", "scipy", "openai>=1.0"],
+        # diffusers, pillow: the SEED image tokenizer's tests (PIL input, the unCLIP pipeline's wiring).
+        "test": ["pytest", "hypothesis", "transformers>=4.40", "einops", "protobuf", "scipy", "openai>=1.0",
+                 "diffusers>=0.30", "pillow"],
         "hf": ["transformers>=4.40"],
+        # SeedImageTokenizer.decode: Stable Diffusion 2.1 unCLIP through diffusers (its CLIP text and
+        # image encoders come from transformers); PIL images in and out.
+        "image": ["diffusers>=0.30", "transformers>=4.40", "pillow"],
         "gpu": ["nvidia-ml-py"],
     },
     entry_points={"console_scripts": ["anygpt-engine=anygpt_engine.cli:main"]},

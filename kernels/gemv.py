@@ -16,9 +16,11 @@ output tiles (batch 1, a tensor-parallel shard) still give every SM programs to 
 reduces in the same launch, deterministically: each program stores its float32 partial to a
 workspace and counts itself in on the tile's counter; the last to arrive sums the partials in
 split order (the same float order whichever program arrives last), runs the epilogue and resets
-the counter to zero for the next launch. Two inner products: FMA (BLOCK_M <= 8: the products accumulate per column in
-registers and are reduced once at the end, so the K loop is pure loads and FMAs) and tl.dot
-(tensor cores; M padded to 16). Quantized values enter the dot exactly (int8, e4m3 and
+the counter to zero for the next launch.
+
+Two inner products: FMA (BLOCK_M <= 8: the products accumulate per column in registers and are
+reduced once at the end, so the K loop is pure loads and FMAs) and tl.dot (tensor cores; M
+padded to 16). Quantized values enter the dot exactly (int8, e4m3 and
 int4 - zero are exact in 16-bit floats); the per-channel scale is applied once at the end and
 the int4 group scale once per group, so every face computes the same float32 sums as the
 reference up to their order.
@@ -168,7 +170,8 @@ def _arrive(counter_ptr, tile, splits, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
     arrived = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
     tl.store(counter_ptr + tile, 0, mask=arrived == splits - 1)  # all the others are in: no one else touches it
     tl.debug_barrier()  # the partial loads after this follow the acquire
-    return tl.zeros([BLOCK_M, BLOCK_N], tl.int32) + arrived == splits - 1  # a full tensor: masks take it as is
+    # A full bool tensor: the interpreter widens `tensor & scalar bool` to int32, which masks reject.
+    return tl.zeros([BLOCK_M, BLOCK_N], tl.int32) + arrived == splits - 1
 
 
 @triton.jit

@@ -367,6 +367,30 @@ def test_split_workspace_grows_and_keeps_what_graphs_hold():
     assert not cpu[1].any()
 
 
+def test_an_interrupted_split_launch_leaves_the_counters_at_zero(monkeypatch):
+    """Counters counted up by programs of a launch that then failed are zeroed, so the next split
+    launch of those tiles still finds its last program (and writes its output)."""
+    from anygpt_engine import tuning
+    from anygpt_engine.kernels import gemv as kernels
+
+    w, _ = _weights(19, 512, torch.float32, None, seed=18)
+    x = _x(1, 512, torch.float32, seed=19)
+    launch = kernels.gemv
+
+    def interrupted(*args, counters=None, **kwargs):
+        counters[:3] += 1  # some programs of tiles 0..2 arrived, then the launch failed
+        raise KeyboardInterrupt
+
+    with tuning.override("gemv", **SPLIT_TILES):
+        monkeypatch.setattr(kernels, "gemv", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            linear(x, w, backend="triton")
+        monkeypatch.setattr(kernels, "gemv", launch)
+        assert _counters_zero(DEV)
+        _assert_rounding_close(linear(x, w, out=poison(torch.empty(1, 19, device=DEV)), backend="triton"),
+                               F.linear(x, w))
+
+
 # -- quantization formats ------------------------------------------------------------------------
 def _spread_weight(n=48, k=256, seed=0):
     """Rows and groups of very different scales, an all-zero row, a constant group and outliers."""

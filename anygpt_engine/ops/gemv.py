@@ -34,6 +34,7 @@ reduction in warp order), chosen by the same rule in warps: `cuda_warps_per_sm` 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -338,6 +339,19 @@ def _split_args(params: dict, op: str, device: torch.device, n_out: int, k: int,
     return dict(splits=splits, workspace=workspace, counters=counters)
 
 
+@contextlib.contextmanager
+def _counters_reset_on_error(split: dict):
+    """A launch interrupted part way (the CPU interpreter runs programs one by one) would leave
+    tile counters counted up, and every later split launch of those tiles would never find its
+    last program: zero them on the way out of an error."""
+    try:
+        yield
+    except BaseException:
+        if split["splits"] > 1:
+            split["counters"].zero_()
+        raise
+
+
 # Kernel launches on checked arguments, registered so torch.compile and CUDA graphs see them.
 @torch.library.custom_op("anygpt_engine::linear_kernel", mutates_args=("out",))
 @on_tensor_device
@@ -355,9 +369,10 @@ def _linear_kernel(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sca
         tiles = -(-n_out // blocks["block_n"]) * -(-m // blocks["block_m"])
         split = _split_args(params, "linear", x.device, n_out, k, m, tiles, 2 if epilogue == "silu_mul" else 1,
                             blocks)
-        kernels.gemv(out, x, weight, scales, zeros, norm_weight, eps, weight_format=_FORMATS[fmt or None],
-                     epilogue=_EPILOGUES[epilogue or None], n_out=n_out, dot_in_fp32=_interpreting(),
-                     group=INT4_GROUP, **blocks, **split)
+        with _counters_reset_on_error(split):
+            kernels.gemv(out, x, weight, scales, zeros, norm_weight, eps, weight_format=_FORMATS[fmt or None],
+                         epilogue=_EPILOGUES[epilogue or None], n_out=n_out, dot_in_fp32=_interpreting(),
+                         group=INT4_GROUP, **blocks, **split)
         return
     extension().gemv_cuda(out.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if scales is None else scales.data_ptr(),
                           0 if zeros is None else zeros.data_ptr(), 0 if norm_weight is None else norm_weight.data_ptr(),
@@ -459,9 +474,10 @@ def _qkv_rope_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     tiles = heads * (q.shape[2] // 2 // blocks["block_n"]) * -(-m // blocks["block_m"])
     split = _split_args(params, "qkv_rope", x.device, heads * q.shape[2], k, m, tiles, 2, blocks)
     record("linear_rope_kv_append", 1)
-    kernels.qkv_rope(q, k_cache, v_cache, x, weight, scales, zeros, norm_weight, eps, positions, slot_mapping,
-                     inv_freq, weight_format=_FORMATS[fmt or None], dot_in_fp32=_interpreting(), group=INT4_GROUP,
-                     **blocks, **split)
+    with _counters_reset_on_error(split):
+        kernels.qkv_rope(q, k_cache, v_cache, x, weight, scales, zeros, norm_weight, eps, positions, slot_mapping,
+                         inv_freq, weight_format=_FORMATS[fmt or None], dot_in_fp32=_interpreting(),
+                         group=INT4_GROUP, **blocks, **split)
 
 
 @_qkv_rope_kernel.register_fake

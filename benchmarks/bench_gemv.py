@@ -8,9 +8,10 @@ speedup over cuBLAS's bare matmul, over the unfused cuBLAS composition (F.linear
 norm / SiLU * up / add), and the error against the float32 reference.
 
 With --write-tuning it first times the GEMV's candidate tiles on the 7B shapes (the FMA tile at
-M = 1, the dot tile at M = 16, the FMA/dot boundary, the face order, the cuBLAS crossover for
-16-bit weights), keeps only candidates whose results match the reference, and records this
-GPU's fastest in anygpt_engine/tuning/gemv.json.
+M = 1, the dot tile at M = 16, the FMA/dot boundary, the split-K rule at M = 1 and then the
+split count per matrix and M, the CUDA face's warps per row, the face order, the cuBLAS
+crossover for 16-bit weights), keeps only candidates whose results match the reference, and
+records this GPU's fastest in anygpt_engine/tuning/gemv.json.
 
     python benchmarks/bench_gemv.py [--json PATH] [--write-tuning] [--quick]
 
@@ -136,6 +137,10 @@ def table(shapes, ms, modes, device, dtype, repeats, bandwidth) -> list[dict]:
 FMA_TILES = [dict(fma_block_n=bn, fma_elements=el) for bn in (8, 16, 32) for el in (4096, 8192, 16384)]
 DOT_TILES = [dict(dot_block_n=bn, dot_block_k=bk) for bn in (16, 32, 64) for bk in (64, 128, 256)]
 CROSSOVER_MS = (16, 24, 32, 48, 64)
+SPLIT_RULES = [dict(split_waves=w, split_min_k=k) for w in (0, 1, 2, 4) for k in (256, 1024)]  # 0: never split
+SPLIT_COUNTS = (1, 2, 4, 8)  # measured per matrix and M (ops.gemv.split_k caps them at K's steps)
+SPLIT_MS = (1, 2, 4, 8, 16)
+CUDA_ROW_WARPS = [dict(cuda_warps_per_sm=w) for w in (8, 16, 32, 64)]
 _TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}
 
 
@@ -174,7 +179,29 @@ def sweep(shapes, device, dtype, repeats) -> tuple[list[dict], dict]:
     best("fma_tile", FMA_TILES, 1)
     best("dot_tile", DOT_TILES, 16)
     best("dot_min_m", [dict(dot_min_m=d) for d in (2, 4, 8, 16, 17)], 4)
+    best("split_rule", SPLIT_RULES, 1)
+    # Measured split counts per matrix and M; they win over the rule in ops.gemv.split_k.
+    measured = {}
+    for shape, (n, k, fusion) in shapes.items():
+        if shape == "lm_head":
+            continue
+        key = f"linear {n // 2 if fusion == 'silu_mul' else n}x{k}"
+        for m in SPLIT_MS:
+            shape_cases = [Case(shape, n, k, fusion, m, mode, device, dtype) for mode in (None, "int4")]
+            timed = []
+            for splits in SPLIT_COUNTS:
+                with tuning.override("gemv", **{**chosen, "split_k": {key: {str(m): splits}}}):
+                    timed.append((_total(shape_cases, "triton", repeats), splits))
+            rows.append(dict(kind="split_k", matrix=key, m=m, totals={s: t for t, s in timed}))
+            t, splits = min(timed)
+            if t == float("inf"):
+                raise RuntimeError(f"no split count for {key} at M={m} matched the reference")
+            measured.setdefault(key, {})[str(m)] = splits
+            print(f"   split_k {key} M={m:<3} {splits} ({t * 1e6:.1f} us)")
+    chosen["split_k"] = measured
     faces = _faces(device)
+    if "cuda" in faces:
+        best("cuda_row_warps", CUDA_ROW_WARPS, 1, face="cuda")
     if len(faces) > 1:  # which face is faster at decode sizes (summed over M = 1 and 16)
         speed = {}
         for face in faces:

@@ -65,17 +65,18 @@ PYBIND11_MODULE(_C, m) {
         [](std::uintptr_t out, std::uintptr_t x, std::uintptr_t weight, std::uintptr_t scales, std::uintptr_t zeros,
            std::uintptr_t norm_weight, int64_t m, int64_t n_out, int64_t k, int64_t x_row_stride,
            int64_t out_row_stride, float eps, int dtype, int weight_format, int epilogue, int threads,
-           std::uintptr_t stream) {
+           int row_warps, std::uintptr_t stream) {
           raise_on_error(anygpt_gemv_cuda(as_pointer(out), as_pointer(x), as_pointer(weight), as_pointer(scales),
                                           static_cast<const uint8_t*>(as_pointer(zeros)), as_pointer(norm_weight), m,
                                           n_out, k, x_row_stride, out_row_stride, eps, static_cast<anygpt_dtype>(dtype),
                                           static_cast<anygpt_weight_format>(weight_format),
-                                          static_cast<anygpt_gemv_epilogue>(epilogue), threads, as_pointer(stream)));
+                                          static_cast<anygpt_gemv_epilogue>(epilogue), threads, row_warps,
+                                          as_pointer(stream)));
         },
         py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("scales"), py::arg("zeros"), py::arg("norm_weight"),
         py::arg("m"), py::arg("n_out"), py::arg("k"), py::arg("x_row_stride"), py::arg("out_row_stride"),
         py::arg("eps"), py::arg("dtype"), py::arg("weight_format"), py::arg("epilogue"), py::arg("threads"),
-        py::arg("stream"));
+        py::arg("row_warps"), py::arg("stream"));
 
   m.def("maskgit_step_cuda",
         [](std::uintptr_t codes, std::uintptr_t open_mask, std::uintptr_t confidence, std::uintptr_t done,

@@ -1,5 +1,6 @@
 // Host launcher of the decode GEMV: checks every argument, picks the instantiation for the dtype,
-// weight format and row count (1, 2, 4, 8 or 16 accumulators), and launches one kernel.
+// weight format and row count (1, 2, 4, 8 or 16 accumulators) and the warps per output row, and
+// launches one kernel.
 #include <cmath>
 #include <cstdint>
 
@@ -23,7 +24,7 @@ int vector_values(int dtype, int format) {
 
 anygpt_status check_args(const void* out, const void* x, const void* weight, const void* scales, const uint8_t* zeros,
                          int64_t m, int64_t n_out, int64_t k, int64_t x_row_stride, int64_t out_row_stride, float eps,
-                         int dtype, int format, int epilogue, int threads) {
+                         int dtype, int format, int epilogue, int threads, int row_warps) {
   using ll = long long;
   if (dtype != ANYGPT_FLOAT32 && dtype != ANYGPT_FLOAT16 && dtype != ANYGPT_BFLOAT16)
     return fail(ANYGPT_ERROR_UNSUPPORTED_DTYPE, "%s: dtype code %d, expected float32, float16 or bfloat16", kOp, dtype);
@@ -54,6 +55,9 @@ anygpt_status check_args(const void* out, const void* x, const void* weight, con
     return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "%s: eps=%g, expected a finite value >= 0", kOp, eps);
   if (threads != 64 && threads != 128 && threads != 256 && threads != 512)
     return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "%s: threads=%d, expected 64, 128, 256 or 512", kOp, threads);
+  if (row_warps < 1 || row_warps > threads / 32 || (row_warps & (row_warps - 1)) != 0)
+    return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "%s: row_warps=%d, expected a power of two from 1 to threads / 32 = %d",
+                kOp, row_warps, threads / 32);
   if (m == 0 || n_out == 0) return ANYGPT_OK;  // nothing is dereferenced; empty tensors may have null pointers
   if (out == nullptr || x == nullptr || weight == nullptr)
     return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "%s: out, x and weight must be non-null pointers", kOp);
@@ -65,6 +69,22 @@ anygpt_status check_args(const void* out, const void* x, const void* weight, con
     return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "%s: weight=%p is not 16-byte aligned (rows are read as 16-byte "
                 "vectors)", kOp, weight);
   return ANYGPT_OK;
+}
+
+// The instantiation's accumulator rows for m rows (1, 2, 4, 8 or 16).
+int max_rows(int64_t m) {
+  int rows = 1;
+  while (rows < m) rows *= 2;
+  return rows;
+}
+
+// At most row_warps warps per row, and no more than the staged x chunk has 32-lane rows of 16-byte
+// vectors for (more warps would idle).
+int effective_row_warps(int row_warps, int64_t m, int64_t k, int dtype, int format) {
+  const int64_t chunk = gemv::kSharedFloats / max_rows(m);
+  const int64_t vectors = (k < chunk ? k : chunk) / vector_values(dtype, format);
+  while (row_warps > 1 && int64_t{row_warps} * 32 > vectors) row_warps /= 2;
+  return row_warps;
 }
 
 template <typename T, int kFormat>
@@ -93,18 +113,20 @@ extern "C" anygpt_status anygpt_gemv_cuda(void* out, const void* x, const void* 
                                           const uint8_t* zeros, const void* norm_weight, int64_t m, int64_t n_out,
                                           int64_t k, int64_t x_row_stride, int64_t out_row_stride, float eps,
                                           anygpt_dtype dtype, anygpt_weight_format weight_format,
-                                          anygpt_gemv_epilogue epilogue, int threads, void* stream) {
+                                          anygpt_gemv_epilogue epilogue, int threads, int row_warps,
+                                          void* stream) {
   using namespace anygpt;
   anygpt_status status = check_args(out, x, weight, scales, zeros, m, n_out, k, x_row_stride, out_row_stride, eps,
-                                    dtype, weight_format, epilogue, threads);
+                                    dtype, weight_format, epilogue, threads, row_warps);
   if (status != ANYGPT_OK) return status;
   status = require_cuda_device(kOp);
   if (status != ANYGPT_OK) return status;
   if (m == 0 || n_out == 0) return ok();
+  row_warps = effective_row_warps(row_warps, m, k, dtype, weight_format);
   const gemv::Params params{out, x, weight, scales, zeros, norm_weight, m, n_out, k, x_row_stride, out_row_stride,
-                            eps, static_cast<int>(epilogue)};
-  const int warps = threads / 32;
-  const unsigned blocks = static_cast<unsigned>((n_out + warps - 1) / warps);
+                            eps, static_cast<int>(epilogue), row_warps};
+  const int rows_per_block = threads / 32 / row_warps;
+  const unsigned blocks = static_cast<unsigned>((n_out + rows_per_block - 1) / rows_per_block);
   const auto cuda_stream = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case ANYGPT_FLOAT32: launch_format<float>(weight_format, params, blocks, threads, cuda_stream); break;

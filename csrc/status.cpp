@@ -67,7 +67,7 @@ extern "C" anygpt_status anygpt_rms_norm_cuda(void*, void*, const void*, const v
 
 extern "C" anygpt_status anygpt_gemv_cuda(void*, const void*, const void*, const void*, const uint8_t*, const void*,
                                           int64_t, int64_t, int64_t, int64_t, int64_t, float, anygpt_dtype,
-                                          anygpt_weight_format, anygpt_gemv_epilogue, int, void*) {
+                                          anygpt_weight_format, anygpt_gemv_epilogue, int, int, void*) {
   return anygpt::fail(ANYGPT_ERROR_NO_CUDA, "gemv: anygpt_engine was built without CUDA kernels (no nvcc at build time)");
 }
 

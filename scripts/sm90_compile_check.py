@@ -197,7 +197,7 @@ def gemv_cases(g: dict) -> list[Case]:
     """The decode GEMV (ops.linear) for each weight format on each inner product the tuning picks
     by M (FMA for M=1 and 2, the padded dot up to max_m, the tiled GEMM for quantized prefill),
     mostly with the heaviest fusions (RMSNorm prologue + SiLU*up: two accumulations per program),
-    and the fused qkv + RoPE + KV append; 7B shapes."""
+    and the fused qkv + RoPE + KV append; with and without split-K; 7B shapes."""
     from anygpt_engine.ops.gemv import _blocks
 
     weights = {"bf16": (gemv.FLOAT, "*bf16", "*bf16", "*bf16"), "int8": (gemv.INT8, "*i8", "*fp32", "*u8"),
@@ -210,41 +210,49 @@ def gemv_cases(g: dict) -> list[Case]:
                           BLOCK_M=b["block_m"], BLOCK_N=b["block_n"], BLOCK_K=b["block_k"], GROUP=128)
         return b, constexprs
 
-    # (M, label, epilogue): the FMA path at M=1 and 2, the padded dot at M=16, the GEMM above max_m
-    shapes = [(1, "m1", gemv.SILU_MUL), (2, "m2", gemv.RESIDUAL), (16, "m16", gemv.SILU_MUL),
-              (g["max_m"] + 1, "gemm", gemv.SILU_MUL)]
+    split_types = dict(ws_ptr="*fp32", counter_ptr="*i32", splits="i32")
+    # (M, label, epilogue, split-K): the FMA path at M=1 and 2, the padded dot at M=16, the GEMM
+    # above max_m; split-K (the in-launch reduction) on the decode paths of bf16 and int4
+    shapes = [(1, "m1", gemv.SILU_MUL, False), (2, "m2", gemv.RESIDUAL, False), (16, "m16", gemv.SILU_MUL, False),
+              (g["max_m"] + 1, "gemm", gemv.SILU_MUL, False), (1, "m1", gemv.SILU_MUL, True),
+              (2, "m2", gemv.RESIDUAL, True), (16, "m16", gemv.SILU_MUL, True)]
     for fmt, (code, w_type, s_type, z_type) in weights.items():
-        for m, label, epilogue in shapes:
+        for m, label, epilogue, split in shapes:
             if label == "gemm" and fmt == "bf16":
                 continue  # 16-bit weights take cuBLAS above the crossover
+            if split and fmt not in ("bf16", "int4"):
+                continue
             norm = epilogue == gemv.SILU_MUL
             b, constexprs = launch(m, fmt)
             out.append(Case(
-                f"gemv {fmt} {label} {'silu_mul+norm' if epilogue == gemv.SILU_MUL else 'residual'}",
+                f"gemv {fmt} {label} {'silu_mul+norm' if epilogue == gemv.SILU_MUL else 'residual'}"
+                f"{' split-K' if split else ''}",
                 gemv._gemv_kernel,
                 dict(out_ptr="*bf16", x_ptr="*bf16", w_ptr=w_type, scale_ptr=s_type, zero_ptr=z_type,
                      norm_ptr="*bf16", M="i32", N_OUT="i32", K="i32", x_stride="i32", out_stride="i32",
-                     eps="fp32"),
-                dict(WEIGHT=code, NORM=norm, EPILOGUE=epilogue, **constexprs), b["num_warps"], b["num_stages"],
-                ("N_OUT", "K"), dots=label == "gemm"))
-        for m, label in ((1, "m1"), (16, "m16")) if fmt in ("bf16", "int4") else ():
+                     eps="fp32", **split_types),
+                dict(WEIGHT=code, NORM=norm, EPILOGUE=epilogue, SPLIT=split, **constexprs), b["num_warps"],
+                b["num_stages"], ("N_OUT", "K"), dots=label == "gemm"))
+        for m, label, split in ((1, "m1", False), (16, "m16", False), (1, "m1", True)) if fmt in ("bf16", "int4") \
+                else ():
             b, constexprs = launch(m, fmt)
             constexprs["BLOCK_N"] = min(g["rope_block_n"], 64)
             out.append(Case(
-                f"qkv_rope {fmt} {label}", gemv._qkv_rope_kernel,
+                f"qkv_rope {fmt} {label}{' split-K' if split else ''}", gemv._qkv_rope_kernel,
                 dict(q_ptr="*bf16", k_cache_ptr="*bf16", v_cache_ptr="*bf16", x_ptr="*bf16", w_ptr=w_type,
                      scale_ptr=s_type, zero_ptr=z_type, norm_ptr="*bf16", positions_ptr="*i64", slots_ptr="*i64",
-                     inv_freq_ptr="*fp32", M="i32", K="i32", x_stride="i32", num_slots="i32", eps="fp32"),
-                dict(Q_HEADS=32, KV_HEADS=32, HEAD_DIM=128, WEIGHT=code, NORM=True, **constexprs), b["num_warps"],
-                b["num_stages"], ("K",)))
+                     inv_freq_ptr="*fp32", M="i32", K="i32", x_stride="i32", num_slots="i32", eps="fp32",
+                     **split_types),
+                dict(Q_HEADS=32, KV_HEADS=32, HEAD_DIM=128, WEIGHT=code, NORM=True, SPLIT=split, **constexprs),
+                b["num_warps"], b["num_stages"], ("K",)))
     for m, label in ((1, "m1"),):  # float32 engines on a GPU
         b, constexprs = launch(m, "bf16", "fp32")
         out.append(Case(
             f"gemv fp32 {label} silu_mul+norm", gemv._gemv_kernel,
             dict(out_ptr="*fp32", x_ptr="*fp32", w_ptr="*fp32", scale_ptr="*fp32", zero_ptr="*fp32", norm_ptr="*fp32",
-                 M="i32", N_OUT="i32", K="i32", x_stride="i32", out_stride="i32", eps="fp32"),
-            dict(WEIGHT=gemv.FLOAT, NORM=True, EPILOGUE=gemv.SILU_MUL, **constexprs), b["num_warps"], b["num_stages"],
-            ("N_OUT", "K")))
+                 M="i32", N_OUT="i32", K="i32", x_stride="i32", out_stride="i32", eps="fp32", **split_types),
+            dict(WEIGHT=gemv.FLOAT, NORM=True, EPILOGUE=gemv.SILU_MUL, SPLIT=False, **constexprs), b["num_warps"],
+            b["num_stages"], ("N_OUT", "K")))
     return out
 
 

@@ -39,9 +39,13 @@ def test_sweep_records_the_fastest_matching_candidates(bench, monkeypatch):
                                              dict(fma_block_n=64, fma_elements=65536)])
     monkeypatch.setattr(bench, "DOT_TILES", [dict(dot_block_n=16, dot_block_k=64)])
     monkeypatch.setattr(bench, "CROSSOVER_MS", (16,))
+    monkeypatch.setattr(bench, "SPLIT_RULES", [dict(split_waves=0), dict(split_waves=2, split_min_k=32)])
+    monkeypatch.setattr(bench, "SPLIT_COUNTS", (1, 2))
+    monkeypatch.setattr(bench, "SPLIT_MS", (1,))
     rows, values = bench.sweep({"w2": SHAPES["w2"]}, torch.device("cpu"), torch.float32, 1)
     assert values["fma_block_n"] in (16, 64) and values["dot_block_n"] == 16
     assert values["dot_min_m"] in (2, 4, 8, 16, 17) and 0 <= values["max_m"] <= 16
-    assert {r["kind"] for r in rows} >= {"fma_tile", "dot_tile", "dot_min_m", "crossover"}
+    assert values["split_waves"] in (0, 2) and values["split_k"]["linear 64x128"]["1"] in (1, 2)
+    assert {r["kind"] for r in rows} >= {"fma_tile", "dot_tile", "dot_min_m", "split_rule", "split_k", "crossover"}
     tuning.write_gpu_entry("gemv", "Test GPU", values)
     assert json.loads((tuning._FOLDER / "gemv.json").read_text())["gpus"]["Test GPU"] == values

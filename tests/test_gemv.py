@@ -204,9 +204,191 @@ def test_batch_dependent_int_arguments_are_not_specialized():
         "_paged_decode_kernel": ["bt_stride", "bt_width", "num_splits"],
         "_merge_splits_kernel": ["num_splits"],
         "_lm_head_kernel": ["batch"],
-        "_gemv_kernel": ["M", "out_stride", "x_stride"],
-        "_qkv_rope_kernel": ["M", "num_slots", "x_stride"],
+        "_gemv_kernel": ["M", "out_stride", "splits", "x_stride"],
+        "_qkv_rope_kernel": ["M", "num_slots", "splits", "x_stride"],
     }
+
+
+# -- split-K ----------------------------------------------------------------------------------------
+# Tiles that leave the CPU table's (or a GPU's) SMs idle: split_k() then cuts K = 512 into 4 ranges
+# of one BLOCK_K step (128, one int4 group) at every M, on the FMA path (M < 4) and the dot path.
+SPLIT_TILES = dict(sms=64, split_min_k=128, fma_block_n=32, fma_elements=4096, dot_block_n=32, dot_block_k=128)
+
+
+def _splits_used(monkeypatch) -> list[int]:
+    """Records the split count of every Triton GEMV launch (the real launch still runs)."""
+    from anygpt_engine.kernels import gemv as kernels
+
+    used, launch, rope = [], kernels.gemv, kernels.qkv_rope
+    monkeypatch.setattr(kernels, "gemv", lambda *a, **kw: (used.append(kw.get("splits", 1)), launch(*a, **kw))[1])
+    monkeypatch.setattr(kernels, "qkv_rope", lambda *a, **kw: (used.append(kw.get("splits", 1)), rope(*a, **kw))[1])
+    return used
+
+
+def _counters_zero(device) -> bool:
+    from anygpt_engine.ops import gemv
+
+    return not bool(gemv._workspaces[torch.device(device)][1].any())
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_split_k_matches_reference_with_every_fusion(mode, monkeypatch):
+    """Every M = 1..16 across the modes (odd N, poisoned outputs), each epilogue, both inner
+    products; the split result is the same bits on a second call, and the counters end at zero."""
+    from anygpt_engine import tuning
+
+    used = _splits_used(monkeypatch)
+    dtype = torch.bfloat16
+    w, weight = _weights(2 * 19, 512, dtype, mode, seed=11)
+    norm = (torch.rand(512, generator=torch.Generator().manual_seed(12)) + 0.5).to(dtype).to(DEV)
+    ms = {None: (1, 2, 9, 16), "int8": (3, 4, 10), "fp8": (5, 6, 11, 13), "int4": (7, 8, 12, 14, 15)}[mode]
+    with tuning.override("gemv", **SPLIT_TILES):
+        for m in ms:
+            x = _x(m, 512, dtype, seed=20 + m)
+            out = poison(torch.empty(m, 2 * 19, dtype=dtype, device=DEV))
+            linear(x, weight, out=out, backend="triton")
+            _assert_rounding_close(out, linear_reference(x, weight))
+            assert torch.equal(linear(x, weight, backend="triton"), out)  # deterministic
+            gated = poison(torch.empty(m, 19, dtype=dtype, device=DEV))
+            linear(x, weight, norm_weight=norm, activation="silu_mul", out=gated, backend="triton")
+            _assert_rounding_close(gated, linear_reference(x, weight, norm, 1e-5, "silu_mul"))
+            residual = _x(m, 2 * 19, dtype, seed=40 + m)
+            expected = linear_reference(x, weight, norm, 1e-5, None, residual)
+            linear(x, weight, norm_weight=norm, residual=residual, backend="triton")
+            _assert_rounding_close(residual, expected)
+    assert used == [4] * 4 * len(ms)
+    assert _counters_zero(DEV)
+
+
+def test_split_k_in_float32_matches_the_unsplit_kernel(monkeypatch):
+    """float32 with an odd K (the last range short): the split sums equal the one-program sums up
+    to float32 rounding."""
+    from anygpt_engine import tuning
+
+    used = _splits_used(monkeypatch)
+    w, _ = _weights(29, 1000, torch.float32, None, seed=13)
+    x = _x(3, 1000, torch.float32, seed=14)
+    with tuning.override("gemv", **{**SPLIT_TILES, "split_max": 1}):
+        whole = linear(x, w, backend="triton")
+    with tuning.override("gemv", **SPLIT_TILES):
+        split = linear(x, w, backend="triton")
+    assert used == [1, 7]  # 32 BLOCK_K steps of 32 in at most K / split_min_k = 7 ranges
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    _assert_rounding_close(split, F.linear(x, w))
+
+
+@pytest.mark.parametrize("mode", [None, "int4"])
+def test_split_k_fused_qkv_rope_kv_append(mode, monkeypatch):
+    from anygpt_engine import tuning
+
+    used = _splits_used(monkeypatch)
+    dtype = torch.bfloat16
+    heads, kv_heads, head_dim, k = 2, 1, 32, 512
+    w, weight = _weights((heads + 2 * kv_heads) * head_dim, k, dtype, mode, seed=15)
+    norm = (torch.rand(k) + 0.5).to(dtype).to(DEV)
+    inv_freq = (1.0 / 10000 ** (torch.arange(0, head_dim // 2, dtype=torch.float32) / (head_dim // 2))).to(DEV)
+    with tuning.override("gemv", **SPLIT_TILES):
+        for m in (1, 6):
+            x = _x(m, k, dtype, seed=60 + m)
+            positions = torch.arange(100, 100 + 7 * m, 7).to(DEV)
+            slots = torch.arange(m).to(DEV) * 3
+            caches = [poison(torch.empty(6, 4, kv_heads, head_dim, dtype=dtype, device=DEV)) for _ in range(2)]
+            expected = [c.clone() for c in caches]
+            q = linear_rope_kv_append(x, weight, positions, slots, caches[0], caches[1], inv_freq, heads,
+                                      norm_weight=norm, backend="triton")
+            q_ref = linear_rope_kv_append_reference(x, weight, positions, slots, expected[0], expected[1], inv_freq,
+                                                    heads, norm)
+            _assert_rounding_close(q, q_ref)
+            for got, ref in zip(caches, expected):
+                assert torch.equal(got.isnan(), ref.isnan())
+                _assert_rounding_close(got[~ref.isnan()], ref[~ref.isnan()])
+    assert used == [4, 4]
+    assert _counters_zero(DEV)
+
+
+def test_split_count_comes_from_the_tuning_table():
+    """The rule (split_waves programs per SM, split_max, split_min_k, whole BLOCK_K steps, no
+    empty range) and the measured per-shape counts, which win over it."""
+    from anygpt_engine import tuning
+    from anygpt_engine.ops.gemv import split_k
+
+    cpu = torch.device("cpu")
+    with tuning.override("gemv", sms=10, split_waves=2, split_max=8, split_min_k=256, split_k={}):
+        params = tuning.params("gemv", cpu)
+        assert split_k(params, "linear", cpu, 4096, 4096, 1, 20, 512) == 1  # 20 tiles = 2 waves of 10 SMs
+        assert split_k(params, "linear", cpu, 4096, 4096, 1, 19, 512) == 2
+        assert split_k(params, "linear", cpu, 4096, 4096, 1, 1, 512) == 8  # split_max
+        assert split_k(params, "linear", cpu, 4096, 1024, 1, 1, 128) == 4  # K / split_min_k
+        assert split_k(params, "linear", cpu, 4096, 1024, 1, 1, 512) == 2  # two BLOCK_K steps
+        # ceil(20 / 3) = 7 wanted, but 8 steps in 7 ranges take 2 steps as 4 ranges do: 4 programs
+        assert split_k(params, "linear", cpu, 4096, 4096, 1, 3, 512) == 4
+    with tuning.override("gemv", sms=10, split_waves=2, split_max=8, split_min_k=128, split_k={}):
+        params = tuning.params("gemv", cpu)
+        assert split_k(params, "linear", cpu, 4096, 5 * 128, 1, 5, 128) == 3  # 4 wanted, 5 steps: 2 + 2 + 1
+        assert split_k(params, "linear", cpu, 4096, 5 * 128 - 3, 1, 5, 128) == 3  # a short last step
+    measured = {"linear 4096x4096": {"1": 3, "16": 1}}
+    with tuning.override("gemv", sms=10, split_k=measured):
+        params = tuning.params("gemv", cpu)
+        assert split_k(params, "linear", cpu, 4096, 4096, 1, 1000, 512) == 3  # measured, even with many tiles
+        assert split_k(params, "linear", cpu, 4096, 4096, 16, 1, 512) == 1
+        assert split_k(params, "linear", cpu, 4096, 4096, 2, 1, 512) == 8  # no entry for M=2: the rule
+        assert split_k(params, "qkv_rope", cpu, 4096, 4096, 1, 1000, 512) == 1  # another op's key
+    # The shipped table: GPUs read their SM count; the CPU entry fixes one.
+    assert tuning.params_for("gemv", "NVIDIA H100 80GB HBM3")["sms"] == 0 and tuning.params("gemv", cpu)["sms"] > 0
+
+
+def test_dispatch_takes_the_split_count_from_the_tuning_table(monkeypatch):
+    from anygpt_engine import tuning
+
+    used = _splits_used(monkeypatch)
+    w, weight = _weights(37, 512, torch.float32, "int8", seed=16)
+    x = _x(2, 512, torch.float32, seed=17)
+    expected = linear_reference(x, weight)
+    tiles = dict(fma_block_n=16, fma_elements=2048, split_min_k=128)
+    for table, splits in ((dict(sms=1), 1), (dict(sms=2), 2), (dict(sms=64), 4),
+                          (dict(sms=64, split_k={"linear 37x512": {"2": 3}}), 3),
+                          (dict(sms=64, split_k={"linear 37x512": {"1": 3}}), 4)):
+        with tuning.override("gemv", **tiles, **table):
+            _assert_rounding_close(linear(x, weight, backend="triton"), expected)
+    assert used == [1, 2, 4, 3, 4]
+
+
+def test_split_workspace_grows_and_keeps_what_graphs_hold():
+    from anygpt_engine.ops import gemv
+
+    device = torch.device("meta")  # a device no other test uses: its own workspace
+    small = gemv.split_workspace(device, 10, 3)
+    assert small[0].numel() >= 10 and small[1].dtype == torch.int32 and small[1].numel() >= 3
+    assert gemv.split_workspace(device, 5, 2) is small
+    big = gemv.split_workspace(device, 1 << 20, 3)
+    assert big[0].numel() == 1 << 20 and big[1].numel() == small[1].numel()
+    assert any(old is small for old in gemv._retired)  # a captured graph may still use it
+    cpu = gemv.split_workspace(torch.device("cpu"), 4, 4)
+    assert not cpu[1].any()
+
+
+def test_an_interrupted_split_launch_leaves_the_counters_at_zero(monkeypatch):
+    """Counters counted up by programs of a launch that then failed are zeroed, so the next split
+    launch of those tiles still finds its last program (and writes its output)."""
+    from anygpt_engine import tuning
+    from anygpt_engine.kernels import gemv as kernels
+
+    w, _ = _weights(19, 512, torch.float32, None, seed=18)
+    x = _x(1, 512, torch.float32, seed=19)
+    launch = kernels.gemv
+
+    def interrupted(*args, counters=None, **kwargs):
+        counters[:3] += 1  # some programs of tiles 0..2 arrived, then the launch failed
+        raise KeyboardInterrupt
+
+    with tuning.override("gemv", **SPLIT_TILES):
+        monkeypatch.setattr(kernels, "gemv", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            linear(x, w, backend="triton")
+        monkeypatch.setattr(kernels, "gemv", launch)
+        assert _counters_zero(DEV)
+        _assert_rounding_close(linear(x, w, out=poison(torch.empty(1, 19, device=DEV)), backend="triton"),
+                               F.linear(x, w))
 
 
 # -- quantization formats ------------------------------------------------------------------------
@@ -313,9 +495,9 @@ def test_cuda_entry_checks_its_arguments_first():
     x, w = torch.zeros(2, 256, dtype=torch.bfloat16), torch.zeros(64, 256, dtype=torch.bfloat16)
     out = torch.zeros(2, 64, dtype=torch.bfloat16)
 
-    def call(m=2, k=256, weight=w.data_ptr(), fmt=0, scales=0, epilogue=0, threads=128):
+    def call(m=2, k=256, weight=w.data_ptr(), fmt=0, scales=0, epilogue=0, threads=128, row_warps=2):
         c.gemv_cuda(out.data_ptr(), x.data_ptr(), weight, scales, 0, 0, m, 64, k, 256, 64, 1e-5, c.BFLOAT16, fmt,
-                    epilogue, threads, 0)
+                    epilogue, threads, row_warps, 0)
 
     with pytest.raises(ValueError, match=r"m=17, expected 0..16 rows"):
         call(m=17)
@@ -329,6 +511,10 @@ def test_cuda_entry_checks_its_arguments_first():
         call(epilogue=3)
     with pytest.raises(ValueError, match=r"threads=96"):
         call(threads=96)
+    with pytest.raises(ValueError, match=r"row_warps=3, expected a power of two from 1 to threads / 32 = 4"):
+        call(row_warps=3)
+    with pytest.raises(ValueError, match=r"row_warps=8"):
+        call(row_warps=8)
     if not HAS_GPU:  # valid arguments reach the device probe
         with pytest.raises(RuntimeError, match="no usable CUDA device"):
             call()
@@ -366,3 +552,62 @@ def test_kernels_launch_on_the_tensors_device():
             got = linear(x.to("cuda:1"), weight.to("cuda:1"), backend=backend)
             assert got.device == torch.device("cuda:1")
             _assert_rounding_close(got.to(DEV), expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("face", ["triton", "cuda"])
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_split_k_matches_reference_and_replays_bit_for_bit(face, mode, monkeypatch):
+    """A tensor-parallel-shard-sized matrix (few output rows for the device's SMs): split-K on
+    Triton, several warps per row on CUDA (each warp count the launcher takes); every fusion
+    against the reference, the same bits on every call and from CUDA graph replays."""
+    from anygpt_engine import tuning
+    from anygpt_engine.ops.gemv import cuda_row_warps
+
+    used = _splits_used(monkeypatch)
+    dtype, n_out, k = torch.bfloat16, 203, 4096
+    w, weight = _weights(2 * n_out, k, dtype, mode, seed=30)
+    norm = (torch.rand(k) + 0.5).to(dtype).to(DEV)
+    row_warps = (1, 2, 4, 8) if face == "cuda" else (None,)
+    for warps in row_warps:  # Triton: the rule on the device's SM count, whatever a sweep recorded
+        table = dict(cuda_row_warps=warps, cuda_warps_per_sm=1 << 20) if warps else \
+            dict(split_waves=2, split_max=8, split_min_k=512, split_k={})
+        with tuning.override("gemv", **table):
+            if face == "cuda":
+                assert cuda_row_warps(tuning.params("gemv", torch.device(DEV)), torch.device(DEV), n_out) == warps
+            for m in (1, 3, 16):
+                x = _x(m, k, dtype, seed=m)
+                out = poison(torch.empty(m, 2 * n_out, dtype=dtype, device=DEV))
+                linear(x, weight, out=out, backend=face)
+                _assert_rounding_close(out, linear_reference(x, weight))
+                assert torch.equal(linear(x, weight, backend=face), out)
+                gated = linear(x, weight, norm_weight=norm, activation="silu_mul", backend=face)
+                _assert_rounding_close(gated, linear_reference(x, weight, norm, 1e-5, "silu_mul"))
+                residual = _x(m, 2 * n_out, dtype, seed=50 + m)
+                expected = linear_reference(x, weight, None, 1e-5, None, residual)
+                linear(x, weight, residual=residual, backend=face)
+                _assert_rounding_close(residual, expected)
+    if face == "triton":
+        assert used and min(used) > 1  # (406 or 203 rows in tiles of 16 or 32: fewer than 2 per SM)
+    x = _x(1, k, dtype, seed=70)
+    out = torch.empty(1, n_out, dtype=dtype, device=DEV)
+    step = lambda: linear(x, weight, norm_weight=norm, activation="silu_mul", out=out, backend=face)  # noqa: E731
+    with tuning.override("gemv", cuda_row_warps=8, cuda_warps_per_sm=1 << 20, split_waves=2, split_max=8,
+                         split_min_k=512, split_k={}):  # split on both faces
+        step()  # warm-up: the workspace is made outside the capture
+        eager = out.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    for _ in range(3):
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+    x.copy_(_x(1, k, dtype, seed=71))
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = out.clone()
+    with tuning.override("gemv", cuda_row_warps=8, cuda_warps_per_sm=1 << 20, split_waves=2, split_max=8,
+                         split_min_k=512, split_k={}):
+        assert torch.equal(replayed, linear(x, weight, norm_weight=norm, activation="silu_mul", backend=face))

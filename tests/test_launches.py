@@ -1,6 +1,6 @@
 """Kernel launches of a decode step on the kernel faces: 6 per layer (the fused qkv + RoPE + KV
 append, the split-context decode attention and its merge, wo + residual, the normed gate/up
-with SiLU * up, w2 + residual), counted by ops.count_launches and cross-checked against every
+with SiLU * up, w2 + residual; split-K or not), counted by ops.count_launches and cross-checked against every
 op the dispatcher runs, so no torch kernel hides between them."""
 
 import dataclasses
@@ -46,11 +46,27 @@ def _decode_step(num_layers: int, batch: int):
     return launches, kernels
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_decode_step_launches_six_kernels_per_layer(monkeypatch, batch):
+# Tiles small enough that the tiny model's projections split K (into 2-4 ranges): still one
+# launch each, the split ranges reduced inside it.
+_SPLIT_K = dict(sms=64, split_min_k=32, fma_block_n=256, fma_elements=16384)
+
+
+@pytest.mark.parametrize("batch,split", [(1, False), (3, False), (1, True)])
+def test_decode_step_launches_six_kernels_per_layer(monkeypatch, batch, split):
+    from anygpt_engine import tuning
+    from anygpt_engine.kernels import gemv as kernels
+
     monkeypatch.setenv("ANYGPT_BACKEND", "triton")
-    one, kernels_one = _decode_step(1, batch)
-    two, kernels_two = _decode_step(2, batch)
+    splits = []
+    for name in ("gemv", "qkv_rope"):
+        launch = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, launch=launch, **kw: (splits.append(kw.get("splits", 1)),
+                                                                            launch(*a, **kw))[1])
+    with tuning.override("gemv", **(_SPLIT_K if split else {})):
+        one, kernels_one = _decode_step(1, batch)
+        two, kernels_two = _decode_step(2, batch)
+    if split:
+        assert min(splits) > 1
     per_layer = {op: two.by_op().get(op, 0) - one.by_op().get(op, 0) for op in two.by_op()}
     assert per_layer == {"linear_rope_kv_append": 1, "paged_decode_attention": 2, "linear": 3}
     assert sum(per_layer.values()) == 6

@@ -145,3 +145,26 @@ def test_faces_match_reference_gpu(face, dtype, shape, fused):
     _close(out, expected, dtype)
     if fused:
         assert torch.equal(residual, expected_res)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [7, 129, 1000, 4096])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_misaligned_and_strided_rows(dtype, hidden, offset, fused):
+    """The CUDA kernel's 16-byte vectors where a row's pointers are aligned, elements elsewhere:
+    x rows `offset` elements into a wider buffer (row stride hidden + 5: rows alternate
+    alignment), weight, out and residual `offset` elements into theirs, odd hidden sizes."""
+    rows = 5
+    x_wide, res, w = _inputs((rows, hidden + 5), dtype, "cuda", seed=hidden + offset)
+    x = x_wide[:, offset:offset + hidden]
+    w = torch.cat([w[:offset], w[:hidden]]).contiguous()[offset:]
+    res = torch.cat([res.flatten()[:offset], res[:, :hidden].flatten()])[offset:].view(rows, hidden)
+    expected, expected_res = ops.rms_norm_reference(x, w, 1e-5, res if fused else None)
+    out = poison(torch.empty(rows * hidden + offset, dtype=dtype, device="cuda"))[offset:].view(rows, hidden)
+    ops.rms_norm(x, w, 1e-5, residual=res if fused else None, out=out, backend="cuda")
+    torch.cuda.synchronize()
+    _close(out, expected, dtype)
+    if fused:
+        assert torch.equal(res, expected_res)

@@ -18,12 +18,27 @@ kernels up to the crossover `max_m` of the tuning table and cuBLAS (F.linear, wi
 prologue and epilogue as separate ops) above it; quantized weights always use the kernels,
 so no dequantized copy ever exists. The tuning table names the GPU faces in order and the
 tile sizes per M.
+
+Split-K (tuning table, anygpt_engine/tuning/gemv.json): when the output tiles of a launch give
+fewer than `split_waves` programs per SM (`sms`: 0 reads the device's SM count; the CPU entry
+fixes one), the Triton kernels split K into up to `split_max` ranges of at least `split_min_k`
+elements, so a batch-1 step (or a tensor-parallel shard) keeps every SM streaming weights;
+`split_k` holds measured counts per "<op> <N_OUT>x<K>" and M (benchmarks/bench_gemv.py
+--write-tuning), which win over the rule. The reduction runs in the same launch and in a fixed
+order (kernels/gemv.py), so results are deterministic, replay for replay; the float32 partials
+and tile counters live in a per-device workspace made outside CUDA graph capture (split GEMVs
+on one device are stream-ordered: the engine runs its steps on one stream at a time). The CUDA
+face splits each output row's K across `cuda_row_warps` warps of its block instead (an in-block
+reduction in warp order), chosen by the same rule in warps: `cuda_warps_per_sm` wanted per SM.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -246,6 +261,97 @@ def _blocks(params: dict, m: int, fmt: str, k: int | None = None) -> dict:
     return block
 
 
+def _sm_count(params: dict, device: torch.device) -> int:
+    return params["sms"] or _device_sms(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_k(params: dict, op: str, device: torch.device, n_out: int, k: int, m: int, tiles: int,
+            block_k: int) -> int:
+    """K ranges for a launch of `tiles` output tiles: the measured count for the shape when the
+    tuning table has one, else enough for split_waves programs per SM (see the module
+    docstring); never more than K's BLOCK_K steps, and no range left empty."""
+    measured = params["split_k"].get(f"{op} {n_out}x{k}", {}).get(str(m))
+    if measured is not None:
+        wanted = int(measured)
+    else:
+        target = params["split_waves"] * _sm_count(params, device)
+        if tiles >= target:
+            return 1
+        wanted = min(math.ceil(target / tiles), params["split_max"], k // params["split_min_k"])
+    steps = -(-k // block_k)
+    splits = max(1, min(wanted, steps))
+    return -(-steps // -(-steps // splits))
+
+
+def cuda_row_warps(params: dict, device: torch.device, n_out: int) -> int:
+    """Warps per output row for the CUDA GEMV (a power of two up to cuda_row_warps, which the
+    launcher lowers further when a staged x chunk has fewer vectors): enough that the launch
+    has cuda_warps_per_sm warps per SM."""
+    target = params["cuda_warps_per_sm"] * _sm_count(params, device)
+    most = min(params["cuda_row_warps"], params["cuda_threads"] // 32)
+    warps = 1
+    while warps < most and n_out * warps < target:
+        warps *= 2
+    return warps
+
+
+_workspaces: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_retired: list[tuple[torch.Tensor, torch.Tensor]] = []
+_workspace_lock = threading.Lock()
+
+
+def split_workspace(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The device's split-K workspace (float32 partials, int32 tile counters that every launch
+    leaves at zero), at least this large. It grows only outside CUDA graph capture; outgrown
+    buffers stay allocated, as graphs captured earlier still use them."""
+    with _workspace_lock:
+        current = _workspaces.get(device)
+        if current is not None and current[0].numel() >= floats and current[1].numel() >= counters:
+            return current
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"ops.linear needs a larger split-K workspace ({floats} floats, {counters} counters) "
+                               "while a CUDA graph is being captured: run the step once before capturing it")
+        sizes = [max(1 << (need - 1).bit_length(), 1024 if current is None else have.numel())
+                 for need, have in zip((floats, counters), current or (None, None))]
+        fresh = (torch.empty(sizes[0], dtype=torch.float32, device=device),
+                 torch.zeros(sizes[1], dtype=torch.int32, device=device))
+        if current is not None:
+            _retired.append(current)
+        _workspaces[device] = fresh
+        return fresh
+
+
+def _split_args(params: dict, op: str, device: torch.device, n_out: int, k: int, m: int, tiles: int, parts: int,
+                blocks: dict) -> dict:
+    """splits (and the workspace when > 1) for a Triton launch of `tiles` output tiles."""
+    splits = split_k(params, op, device, n_out, k, m, tiles, blocks["block_k"])
+    if splits == 1:
+        return dict(splits=1)
+    from anygpt_engine.kernels.gemv import split_workspace_shape
+
+    workspace, counters = split_workspace(device, *split_workspace_shape(tiles, splits, parts, blocks["block_m"],
+                                                                         blocks["block_n"]))
+    return dict(splits=splits, workspace=workspace, counters=counters)
+
+
+@contextlib.contextmanager
+def _counters_reset_on_error(split: dict):
+    """A launch interrupted part way (the CPU interpreter runs programs one by one) would leave
+    tile counters counted up, and every later split launch of those tiles would never find its
+    last program: zero them on the way out of an error."""
+    try:
+        yield
+    except BaseException:
+        if split["splits"] > 1:
+            split["counters"].zero_()
+        raise
+
+
 # Kernel launches on checked arguments, registered so torch.compile and CUDA graphs see them.
 @torch.library.custom_op("anygpt_engine::linear_kernel", mutates_args=("out",))
 @on_tensor_device
@@ -259,14 +365,20 @@ def _linear_kernel(out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, sca
     if face == "triton":
         from anygpt_engine.kernels import gemv as kernels
 
-        kernels.gemv(out, x, weight, scales, zeros, norm_weight, eps, weight_format=_FORMATS[fmt or None],
-                     epilogue=_EPILOGUES[epilogue or None], n_out=n_out, dot_in_fp32=_interpreting(),
-                     group=INT4_GROUP, **_blocks(params, m, fmt or None, k))
+        blocks = _blocks(params, m, fmt or None, k)
+        tiles = -(-n_out // blocks["block_n"]) * -(-m // blocks["block_m"])
+        split = _split_args(params, "linear", x.device, n_out, k, m, tiles, 2 if epilogue == "silu_mul" else 1,
+                            blocks)
+        with _counters_reset_on_error(split):
+            kernels.gemv(out, x, weight, scales, zeros, norm_weight, eps, weight_format=_FORMATS[fmt or None],
+                         epilogue=_EPILOGUES[epilogue or None], n_out=n_out, dot_in_fp32=_interpreting(),
+                         group=INT4_GROUP, **blocks, **split)
         return
     extension().gemv_cuda(out.data_ptr(), x.data_ptr(), weight.data_ptr(), 0 if scales is None else scales.data_ptr(),
                           0 if zeros is None else zeros.data_ptr(), 0 if norm_weight is None else norm_weight.data_ptr(),
                           m, n_out, k, x.stride(0), out.stride(0), eps, dtype_code("x", x), _FORMATS[fmt or None],
-                          _EPILOGUES[epilogue or None], params["cuda_threads"], cuda_stream_handle(x.device))
+                          _EPILOGUES[epilogue or None], params["cuda_threads"],
+                          cuda_row_warps(params, x.device, n_out), cuda_stream_handle(x.device))
 
 
 @_linear_kernel.register_fake
@@ -355,12 +467,17 @@ def _qkv_rope_kernel(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
     params = tuning.params("gemv", x.device)
     m = x.shape[0]
-    blocks = _blocks(params, m, fmt or None, x.shape[1])
+    k = x.shape[1]
+    blocks = _blocks(params, m, fmt or None, k)
     blocks["block_n"] = min(params["rope_block_n"], q.shape[2] // 2)
+    heads = q.shape[1] + 2 * k_cache.shape[2]
+    tiles = heads * (q.shape[2] // 2 // blocks["block_n"]) * -(-m // blocks["block_m"])
+    split = _split_args(params, "qkv_rope", x.device, heads * q.shape[2], k, m, tiles, 2, blocks)
     record("linear_rope_kv_append", 1)
-    kernels.qkv_rope(q, k_cache, v_cache, x, weight, scales, zeros, norm_weight, eps, positions, slot_mapping,
-                     inv_freq, weight_format=_FORMATS[fmt or None], dot_in_fp32=_interpreting(), group=INT4_GROUP,
-                     **blocks)
+    with _counters_reset_on_error(split):
+        kernels.qkv_rope(q, k_cache, v_cache, x, weight, scales, zeros, norm_weight, eps, positions, slot_mapping,
+                         inv_freq, weight_format=_FORMATS[fmt or None], dot_in_fp32=_interpreting(),
+                         group=INT4_GROUP, **blocks, **split)
 
 
 @_qkv_rope_kernel.register_fake

@@ -68,13 +68,15 @@ typedef enum {
 // HF's rounding points (as anygpt_rms_norm_cuda). Epilogues as above, with torch's rounding points
 // (silu(gate) rounded, then the product). x rows are `x_row_stride` elements apart, out rows
 // `out_row_stride`. k must be a multiple of one 16-byte weight vector (8 half, 4 float32, 16 int8/e4m3
-// values; int4: of 128), the weight 16-byte aligned. `threads` (64..512, a multiple of 32: one warp per
-// output row) comes from the tuning table.
+// values; int4: of 128), the weight 16-byte aligned. `threads` (64, 128, 256 or 512) and `row_warps`
+// (warps that share an output row's k, a power of two up to threads / 32; fewer are used when k, or
+// the x chunk the block stages, has too few 16-byte vectors for them) come from the tuning table.
+// The sum over k is in a fixed order for given arguments: the same numbers on every call.
 anygpt_status anygpt_gemv_cuda(void* out, const void* x, const void* weight, const void* scales, const uint8_t* zeros,
                                const void* norm_weight, int64_t m, int64_t n_out, int64_t k, int64_t x_row_stride,
                                int64_t out_row_stride, float eps, anygpt_dtype dtype,
                                anygpt_weight_format weight_format, anygpt_gemv_epilogue epilogue, int threads,
-                               void* stream);
+                               int row_warps, void* stream);
 
 // One MaskGIT step of SoundStorm's parallel decoding (contract: anygpt_engine/ops/maskgit.py), on a
 // CUDA stream, in one launch with no host sync. codes [B, frames, levels] int64 and open_mask (bool

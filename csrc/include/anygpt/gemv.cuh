@@ -5,9 +5,12 @@
 // (contract: anygpt_gemv_cuda in c_api.h; the same numbers as ops.linear's reference up to the
 // order of the float32 sums).
 //
-// One warp per output row (two rows, n and n_out + n, for SiLU * up): its lanes stream the row
-// in 16-byte vectors, so each weight byte is read once, by one 16-byte load. The CTA stages x
-// (normalized when asked) in shared memory as float32, kSharedFloats at a time, for all its warps.
+// row_warps warps per output row (two rows, n and n_out + n, for SiLU * up): their lanes stream
+// the row in 16-byte vectors, interleaved along k, so each weight byte is read once, by one
+// 16-byte load. More than one warp per row is split-K inside the CTA, for launches with few
+// rows (a tensor-parallel shard): the warps' sums meet in shared memory and are added in warp
+// order, so the result does not depend on timing. The CTA stages x (normalized when asked) in
+// shared memory as float32, kSharedFloats at a time, for all its warps.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -22,6 +25,7 @@ namespace gemv {
 
 constexpr int kSharedFloats = 8192;  // 32 KB of x per CTA: kMaxM rows x (8192 / kMaxM) columns
 constexpr int kGroup = 128;          // int4 group along k
+constexpr int kMaxWarps = 16;        // 512 threads
 enum Format { kDtype = 0, kInt8 = 1, kFp8 = 2, kInt4 = 3 };
 enum Epilogue { kNone = 0, kResidual = 1, kSiluMul = 2 };
 
@@ -35,6 +39,7 @@ struct Params {
   int64_t m, n_out, k, x_stride, out_stride;
   float eps;
   int epilogue;
+  int row_warps;  // warps per output row: a power of two dividing the CTA's warps
 };
 
 // Values per 16-byte weight vector.
@@ -98,16 +103,17 @@ __device__ __forceinline__ float warp_sum(float value) {
   return value;
 }
 
-// acc[mm] += x[mm, c0 + e] . dequant(W[row, c0 + e]) over this lane's vectors of the staged chunk.
+// acc[mm] += x[mm, c0 + e] . dequant(W[row, c0 + e]) over this lane's vectors of the staged chunk
+// (lane `lane` of the row's `lanes`: vectors lane, lane + lanes, ...).
 template <typename T, int kFormat, int kMaxM, int kChunk>
 __device__ __forceinline__ void accumulate_row(const Params& p, int64_t row, int64_t c0, int len, const float* xs,
-                                               int lane, float* acc) {
+                                               int lane, int lanes, float* acc) {
   constexpr int kValues = values_per_vector<T, kFormat>();
   constexpr int kElementBytes = kFormat == kDtype ? static_cast<int>(sizeof(T)) : 1;
   const char* row_bytes = static_cast<const char*>(p.weight) +
                           (kFormat == kInt4 ? row * (p.k / 2) : row * p.k * kElementBytes);
 #pragma unroll 4
-  for (int e = lane * kValues; e < len; e += 32 * kValues) {
+  for (int e = lane * kValues; e < len; e += lanes * kValues) {
     const int64_t col = c0 + e;
     const uint4 raw = __ldg(reinterpret_cast<const uint4*>(
         row_bytes + (kFormat == kInt4 ? col / 2 : col * kElementBytes)));
@@ -144,10 +150,12 @@ __global__ void gemv_kernel(Params p) {
   constexpr int kChunk = kSharedFloats / kMaxM;
   __shared__ __align__(16) float xs[kMaxM * kChunk];
   __shared__ float inv_rms[kMaxM];
+  __shared__ float sums[kMaxWarps][2][kMaxM];  // each warp's sums, added in warp order per row
   const int warps = static_cast<int>(blockDim.x) / 32;
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
-  const int64_t n = static_cast<int64_t>(blockIdx.x) * warps + warp;
+  const int part = warp % p.row_warps;  // this warp's share of its row's k
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * (warps / p.row_warps) + warp / p.row_warps;
   const bool active = n < p.n_out;
   const T* x = static_cast<const T*>(p.x);
   const T* norm = static_cast<const T*>(p.norm_weight);
@@ -184,11 +192,24 @@ __global__ void gemv_kernel(Params p) {
     }
     __syncthreads();
     if (active) {
-      accumulate_row<T, kFormat, kMaxM, kChunk>(p, n, c0, len, xs, lane, acc[0]);
-      if (rows == 2) accumulate_row<T, kFormat, kMaxM, kChunk>(p, p.n_out + n, c0, len, xs, lane, acc[1]);
+      const int row_lane = part * 32 + lane;
+      const int lanes = p.row_warps * 32;
+      accumulate_row<T, kFormat, kMaxM, kChunk>(p, n, c0, len, xs, row_lane, lanes, acc[0]);
+      if (rows == 2) accumulate_row<T, kFormat, kMaxM, kChunk>(p, p.n_out + n, c0, len, xs, row_lane, lanes, acc[1]);
     }
   }
-  if (!active) return;
+#pragma unroll
+  for (int mm = 0; mm < kMaxM; ++mm) {
+    if (mm >= p.m) break;
+    const float s0 = warp_sum(acc[0][mm]);
+    const float s1 = rows == 2 ? warp_sum(acc[1][mm]) : 0.0f;
+    if (lane == 0) {
+      sums[warp][0][mm] = s0;
+      sums[warp][1][mm] = s1;
+    }
+  }
+  __syncthreads();
+  if (!active || part != 0) return;
 
   float channel_scale[2] = {1.0f, 1.0f};
   if constexpr (kFormat == kInt8 || kFormat == kFp8) {
@@ -197,12 +218,15 @@ __global__ void gemv_kernel(Params p) {
     if (rows == 2) channel_scale[1] = scales[p.n_out + n];
   }
   T* out = static_cast<T*>(p.out);
-#pragma unroll
-  for (int mm = 0; mm < kMaxM; ++mm) {
-    if (mm >= p.m) break;
-    const float y0 = warp_sum(acc[0][mm]) * channel_scale[0];
-    const float y1 = rows == 2 ? warp_sum(acc[1][mm]) * channel_scale[1] : 0.0f;
-    if (lane != mm % 32) continue;
+  for (int mm = lane; mm < p.m; mm += 32) {
+    float y0 = sums[warp][0][mm];
+    float y1 = sums[warp][1][mm];
+    for (int w = 1; w < p.row_warps; ++w) {
+      y0 += sums[warp + w][0][mm];
+      y1 += sums[warp + w][1][mm];
+    }
+    y0 *= channel_scale[0];
+    y1 *= channel_scale[1];
     T* target = out + mm * p.out_stride + n;
     float y = to_float(from_float<T>(y0));
     if (p.epilogue == kSiluMul) {  // torch's 16-bit ops: silu rounded, then the product rounded

@@ -35,6 +35,7 @@ from anygpt_engine.runtime.beams import BeamGroup, BeamSearch
 from anygpt_engine.runtime.graphs import DecodeGraphs, DecodeInputs, buckets
 from anygpt_engine.runtime.kv_cache import BlockManager, PagedKVCache
 from anygpt_engine.runtime.scheduler import PrefillChunk, Request, Scheduler
+from anygpt_engine.runtime import warmup
 from anygpt_engine.sampling import ModalityConstraint, SamplerWork, SamplingParams, SamplingState, sample
 from anygpt_engine.tokenizer import Tokenizer
 from anygpt_engine.vocab import Vocabulary, token_ids
@@ -94,6 +95,9 @@ class Engine:
     tensor_parallel_size=N > 1: this process is one rank of a torch.distributed group (the world
     group, or `process_group`) and holds one shard of the weights and of the KV cache
     (models/tensor_parallel.py); anygpt_engine.distributed drives the ranks (docs/distributed.md).
+
+    warm_up (default: on CUDA): run the prefill and sampling shapes serving meets at start-up,
+    so Triton never compiles mid-serving (Engine.warm_up; `warm_up_summary` says what ran).
     """
 
     def __init__(self, model: str | os.PathLike | ModelConfig = "tiny", weights=None, device=None, dtype=None, *,
@@ -102,7 +106,7 @@ class Engine:
                  block_size: int = 16, num_blocks: int | None = None, kv_cache_memory_fraction: float = 0.4,
                  max_batch_size: int = 32, max_num_batched_tokens: int = 4096, enable_prefix_caching: bool = True,
                  cuda_graphs: bool | None = None, quantization: str | None = None, tensor_parallel_size: int = 1,
-                 process_group=None):
+                 process_group=None, warm_up: bool | None = None):
         checkpoint = None
         if isinstance(model, ModelConfig):
             config = model
@@ -174,6 +178,7 @@ class Engine:
         if num_blocks is None:
             num_blocks = self._default_num_blocks(blocks_per_seq * max_batch_size + 1, kv_cache_memory_fraction)
         self.kv_cache = PagedKVCache(self.model.config, num_blocks, block_size, self.device, self.dtype)
+        self._scheduling = (num_blocks, block_size, enable_prefix_caching, max_batch_size, max_num_batched_tokens)
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_batch_size,
                                    max_num_batched_tokens)
         # One sampling slot per schedulable row plus a scratch slot for padding and beam rows.
@@ -189,6 +194,28 @@ class Engine:
             if self.device.type != "cuda":
                 raise ValueError("cuda_graphs=True needs a CUDA device")
             self.graphs = self._capture_decode_graphs(max_batch_size, blocks_per_seq)
+        self.warm_up_summary = None
+        if warm_up is None:
+            warm_up = self.device.type == "cuda"
+        if warm_up:
+            with self.model.in_lockstep() if tensor_parallel_size > 1 else contextlib.nullcontext():
+                self.warm_up_summary = self.warm_up()
+
+    def warm_up(self) -> warmup.WarmUp:
+        """Runs the prefill and sampling shapes serving will meet, so Triton compiles now rather
+        than mid-serving (runtime/warmup.py); then the engine's bookkeeping starts fresh. Needs an
+        idle engine. Engine(..., warm_up=True), the default on CUDA, calls it at start-up
+        (tensor-parallel ranks in lockstep, before any rank leads)."""
+        return warmup.warm_up(self)
+
+    def _reset_bookkeeping(self) -> None:
+        """A fresh scheduler and block manager (every block free, nothing cached) and counters."""
+        num_blocks, block_size, prefix_caching, max_batch_size, max_tokens = self._scheduling
+        self.scheduler = Scheduler(BlockManager(num_blocks, block_size, prefix_caching), max_batch_size, max_tokens)
+        self.beam_search = BeamSearch(self.scheduler.blocks, self.sampling_state, self.constraint)
+        self.head_rows_read = 0
+        if self.graphs is not None:
+            self.graphs.used.clear()
 
     def _capture_decode_graphs(self, max_batch_size: int, blocks_per_seq: int) -> DecodeGraphs:
         """A graph per (batch, block-table width) bucket. Tensor-parallel ranks capture in
@@ -486,17 +513,18 @@ class Engine:
         )
         with nvtx_range("anygpt/decode_step"):
             if self.graphs is not None:
-                tokens, logits = self.graphs.run(host)
+                sampled, logits = self.graphs.run(host)
             else:
                 device_inputs = DecodeInputs(**{k: v.to(self.device) for k, v in vars(host).items()})
                 plain = [r.params for r in requests if r.beams is None]
-                tokens, logits = self._decode_forward(device_inputs, SamplerWork.for_params(plain) if plain else None)
-            ids = tokens.tolist() if tokens is not None else []
-        for request in requests:
-            request.num_computed += request.beams is None
-        for seq_id, tokens, _ in rows:
-            self.scheduler.blocks.commit(seq_id, tokens)
-        return ids, logits
+                sampled, logits = self._decode_forward(device_inputs,
+                                                       SamplerWork.for_params(plain) if plain else None)
+            # Host bookkeeping while the device runs the step; reading the sampled ids waits for it.
+            for request in requests:
+                request.num_computed += request.beams is None
+            for seq_id, tokens, _ in rows:
+                self.scheduler.blocks.commit(seq_id, tokens)
+            return (sampled.tolist() if sampled is not None else []), logits
 
     def _head_rows(self, requests: list[Request]) -> tuple[int, int]:
         """The LM head rows a decode batch needs: one open modality's span when every request is

@@ -130,3 +130,37 @@ def test_constraint_switch_off(engine):
     outs = unconstrained.generate([prompt], SamplingParams(temperature=3.0, seed=1, max_new_tokens=30,
                                                            stop_token_ids=()))[0]
     assert any(t not in vocab.range("speech") for t in outs)
+
+
+def test_warm_up_covers_the_shapes_and_leaves_no_trace():
+    """warm_up runs prefills in every GEMV row bucket and one past the crossover, a prefix-cache
+    hit (paged prefill) and every sampler stage and beams; afterwards the engine's bookkeeping is
+    a cold engine's and it generates the same tokens, unseeded requests included."""
+    config = ModelConfig.preset("tiny").replace(max_seq_len=128)
+    cold = Engine(config, device="cpu", block_size=8)
+    warm = Engine(config, device="cpu", block_size=8, warm_up=True)
+    summary = warm.warm_up_summary
+    assert summary.prefill_lengths == [1, 2, 3, 5, 9, 17, 33, 65] and summary.prefix_hit_tokens == 16
+    assert summary.steps > len(summary.prefill_lengths) and summary.seconds > 0
+    assert cold.warm_up_summary is None  # the default on a CPU: no Triton to compile
+    assert warm.stats() == cold.stats() and warm.head_rows_read == cold.head_rows_read == 0
+    warm.scheduler.blocks.check()
+    prompts = [[1, 5, 9, 200], [1] + list(range(40, 60)), [1, 7]]
+    params = [SamplingParams.greedy(6), SamplingParams(temperature=0.9, top_p=0.8, max_new_tokens=5),
+              SamplingParams(temperature=1.0, top_k=7, max_new_tokens=4)]  # two unseeded: drawn from the engine seed
+    assert warm.generate(prompts, params) == cold.generate(prompts, params)
+    assert warm.stats() == cold.stats()
+    warm.add_request([1, 2, 3], SamplingParams.greedy(2))
+    with pytest.raises(RuntimeError, match="warm_up needs an idle engine"):
+        warm.warm_up()
+
+
+@pytest.mark.parametrize("max_seq_len,num_blocks", [(6, None), (128, 5), (40, 3)])
+def test_warm_up_fits_small_engines(max_seq_len, num_blocks):
+    """A short context or a small KV cache gets the shapes that fit it, never an error."""
+    config = ModelConfig.preset("tiny").replace(max_seq_len=max_seq_len)
+    engine = Engine(config, device="cpu", block_size=8, num_blocks=num_blocks, warm_up=True)
+    fits = min(max_seq_len, (num_blocks - 1) * 8 // 2 if num_blocks else max_seq_len) - 2
+    assert engine.warm_up_summary.prefill_lengths == [n for n in (1, 2, 3, 5, 9, 17, 33, 65) if n <= fits]
+    engine.scheduler.blocks.check()
+    assert engine.stats().free_blocks == engine.stats().total_blocks

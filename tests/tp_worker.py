@@ -3,8 +3,9 @@ torch.distributed's environment variables, as torchrun would).
 
     python tests/tp_worker.py SCENARIO OUT_JSON TIMEOUT_S CHECKPOINT...
 
-compare: for each checkpoint, rank 0 records `trace(engine)` into OUT_JSON. graphs: the same with
-decode steps replayed from captured graphs (tests/graph_stand_in.py: CUDA graphs on the CPU).
+compare: for each checkpoint, rank 0 records `trace(engine)` into OUT_JSON. graphs: the same after
+a start-up warm-up, with decode steps replayed from captured graphs (tests/graph_stand_in.py:
+CUDA graphs on the CPU).
 kill / hang: rank 1 SIGKILLs itself / sleeps mid-step (in its 8th feed-forward); badload: rank 1
 is given weights that do not match the checkpoint's config; rank 0 records the error it gets."""
 
@@ -73,7 +74,7 @@ def main() -> int:
     for path in checkpoints:
         weights = {"model.norm.weight": torch.ones(3)} if scenario == "badload" and os.environ["RANK"] == "1" else None
         engine = Engine(path, weights, device="cpu", dtype=torch.float32, tensor_parallel_size=2,
-                        max_batch_size=8)
+                        max_batch_size=8, warm_up=scenario == "graphs")  # ranks warm up in lockstep
         if scenario == "graphs":
             patch_cuda(setattr)
             stand_in_graphs(engine)

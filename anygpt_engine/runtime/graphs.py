@@ -47,25 +47,40 @@ class DecodeInputs:
 
     @classmethod
     def empty(cls, batch: int, width: int, scratch_slot: int, vocab_size: int, device) -> "DecodeInputs":
-        def zeros(*shape):
-            return torch.zeros(shape, dtype=torch.int64, device=device)
-
-        return cls(zeros(batch), zeros(batch), zeros(batch), zeros(batch, width),
-                   torch.full((batch,), scratch_slot, dtype=torch.int64, device=device),
-                   torch.tensor([0, vocab_size], device=device))
+        """A graph's static inputs: views of one int64 buffer, so that `fill` is one host-to-device
+        copy, from a staging buffer in pinned memory on CUDA (asynchronous: the host goes on with
+        the step's bookkeeping while it and the replay run)."""
+        device = torch.device(device)
+        flat = torch.zeros(4 * batch + 2 + batch * width, dtype=torch.int64, device=device)
+        tokens, positions, slot_mapping, slots = flat[:4 * batch].view(4, batch)
+        inputs = cls(tokens, positions, slot_mapping, flat[4 * batch + 2:].view(batch, width), slots,
+                     flat[4 * batch:4 * batch + 2])
+        inputs.slots.fill_(scratch_slot)
+        inputs.head_rows[1] = vocab_size
+        inputs._flat = flat
+        inputs._staging = torch.empty(flat.shape, dtype=torch.int64, pin_memory=device.type == "cuda")
+        inputs._copied = torch.cuda.Event() if device.type == "cuda" else None
+        return inputs
 
     def fill(self, host: "DecodeInputs", scratch_slot: int) -> None:
-        """Copies a smaller host batch into these buffers and pads the rest."""
+        """Copies a smaller host batch into these buffers and pads the rest: padding rows run
+        token 0 at position 0 into cache slot 0 with an all-zero block table, sampled into
+        `scratch_slot`; table columns past the batch's width are zero."""
         n, w = host.block_tables.shape
-        for name in ("tokens", "positions", "slot_mapping"):
-            target = getattr(self, name)
-            target[:n].copy_(getattr(host, name), non_blocking=True)
-            target[n:].zero_()
-        self.block_tables.zero_()
-        self.block_tables[:n, :w].copy_(host.block_tables, non_blocking=True)
-        self.slots[:n].copy_(host.slots, non_blocking=True)
-        self.slots[n:].fill_(scratch_slot)
-        self.head_rows.copy_(host.head_rows, non_blocking=True)
+        batch, width = self.block_tables.shape
+        staging = self._staging
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy out of staging is done (it always is by now)
+        staging.zero_()
+        rows = staging[:4 * batch].view(4, batch)
+        for i, name in enumerate(("tokens", "positions", "slot_mapping", "slots")):
+            rows[i, :n] = getattr(host, name)
+        rows[3, n:] = scratch_slot
+        staging[4 * batch:4 * batch + 2] = host.head_rows
+        staging[4 * batch + 2:].view(batch, width)[:n, :w] = host.block_tables
+        self._flat.copy_(staging, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
 
 
 class DecodeGraphs:

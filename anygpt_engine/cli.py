@@ -66,7 +66,8 @@ def _chat_setup(args):
                     max_batch_size=8)
     options = MediaOptions(out_dir=Path(args.out), speech_tokenizer=tuple(args.speech_tokenizer or ()) or None,
                            soundstorm=args.soundstorm, music_codec=args.music_codec, voice_prompt=args.voice_prompt,
-                           device=args.device)
+                           image_tokenizer=args.image_tokenizer, image_vit=args.image_vit,
+                           image_diffusion=args.image_diffusion, seed=args.seed, device=args.device)
     if engine.tokenizer is None:
         return engine, None
     chat = Chat(engine, args.template, system=args.system)
@@ -150,14 +151,18 @@ def _leave_process_group() -> None:
 
 
 def _serve_engine(args, engine) -> None:
+    from anygpt_engine.serving.image import ImageIO
     from anygpt_engine.serving.server import OpenAIServer, run
     from anygpt_engine.serving.speech import SpeechIO
 
     try:
         speech = SpeechIO.from_files(tuple(args.speech_tokenizer) if args.speech_tokenizer else None, args.soundstorm,
                                      args.voice_prompt, device=engine.engine.device, vocab=engine.vocab)
+        images = ImageIO.from_files(args.image_tokenizer, args.image_vit, args.image_diffusion,
+                                    device=engine.engine.device, vocab=engine.vocab)
         server = OpenAIServer(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
-                              speech=speech, template=args.template, max_body_bytes=args.max_body_bytes)
+                              speech=speech, images=images, template=args.template,
+                              max_body_bytes=args.max_body_bytes)
     except BaseException:
         engine.close()
         raise
@@ -189,6 +194,7 @@ def _add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--soundstorm", default=None, metavar="PT", help="SoundStorm checkpoint (speech output)")
     p.add_argument("--music-codec", default=None, metavar="DIR", help="EnCodec 32 kHz directory (music)")
     p.add_argument("--voice-prompt", default=None, metavar="WAV", help="voice for speech replies")
+    _add_image_arguments(p, "image input and output")
     p.add_argument("--out", default="anygpt_output", metavar="DIR", help="where speech, music and image replies go")
     p.add_argument("--force-modality", action="store_true",
                    help="a line's to_modality also starts the reply with that modality's start token")
@@ -197,6 +203,15 @@ def _add_chat_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+
+
+def _add_image_arguments(p: argparse.ArgumentParser, use: str) -> None:
+    p.add_argument("--image-tokenizer", default=None, metavar="PATH",
+                   help=f"SEED tokenizer: seed_quantizer.pt or its directory ({use})")
+    p.add_argument("--image-vit", default=None, metavar="PTH",
+                   help="SEED's EVA ViT-g weights, eva_vit_g.pth (default: beside seed_quantizer.pt)")
+    p.add_argument("--image-diffusion", default=None, metavar="DIR",
+                   help="Stable Diffusion 2.1 unCLIP pipeline directory (draws image replies)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SpeechTokenizer config.json and checkpoint (audio input)")
     s.add_argument("--soundstorm", default=None, metavar="PT", help="SoundStorm checkpoint (audio output)")
     s.add_argument("--voice-prompt", default=None, metavar="WAV", help="voice for audio output")
+    _add_image_arguments(s, "image_url input, image output")
     s.add_argument("--seed", type=int, default=0, help="seeds the random weights of presets and unseeded requests")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     s.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])

@@ -17,10 +17,12 @@
 #   bash scripts/gpu_check.sh OUT_DIR beam     # beam search: its GPU test, then bench_beam.py at
 #                                              # anygpt-7b (5 beams, greedy and beam-sample): ~5 min
 #   bash scripts/gpu_check.sh OUT_DIR speech   # text -> speech end to end at anygpt-7b (bench_speech.py): ~4 min
+#   bash scripts/gpu_check.sh OUT_DIR image    # SEED: its GPU test, then bench_image.py at the published size
+#                                              # (encode / codes -> embedding, batch 1 and 32, float16): ~4 min
 #   bash scripts/gpu_check.sh OUT_DIR serving  # the serving targets (needs wheels/serving, see
 #                                              # scripts/serving_wheels.sh): ~6 min
 set -uo pipefail
-out=${1:?usage: scripts/gpu_check.sh OUT_DIR [core|kernels|attention-rvq|decode|beam|speech|serving]}
+out=${1:?usage: scripts/gpu_check.sh OUT_DIR [core|kernels|attention-rvq|decode|beam|speech|image|serving]}
 mode=${2:-core}
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
@@ -64,7 +66,7 @@ case "$mode" in
       name=$(basename "$bench" .py)
       limit=40 extra=()
       case "$name" in
-        bench_beam|bench_speech|bench_serving|bench_gemv) continue ;;  # each in its own mode
+        bench_beam|bench_speech|bench_serving|bench_gemv|bench_image) continue ;;  # each in its own mode
         bench_soundstorm) limit=80 ;;
         bench_attention) limit=150 extra=(--write-tuning) ;;
         bench_rvq) limit=120 extra=(--write-tuning --sizes 2000 32000) ;;
@@ -107,6 +109,13 @@ case "$mode" in
       tests/test_speech_pipeline.py tests/test_encodec.py
     step bench_speech 300 python benchmarks/bench_speech.py --json "$out/bench_speech.json"
     ;;
+  image)
+    # The SEED image tokenizer: its float16-vs-float32 GPU test (tiny configuration), then encode and
+    # codes -> embedding at AnyGPT's sizes (random weights: EVA ViT-g 39 blocks, Q-Former, 8192 x 32
+    # codebook) in float16, against AnyGPT's plain-torch arithmetic in the same run.
+    step pytest_image 120 "${pytest_gpu[@]}" tests/test_seed_image.py
+    step bench_image 300 python benchmarks/bench_image.py --json "$out/bench_image.json"
+    ;;
   serving)
     # The serving targets (benchmarks/bench_serving.py: HTTP TPOT overhead at 16 streams and the
     # 1,000-request overload run, anygpt-7b), about 6 minutes. fastapi, uvicorn, python-multipart,
@@ -117,7 +126,7 @@ case "$mode" in
     step bench_serving 420 python benchmarks/bench_serving.py --json "$out/bench_serving.json" \
       --out-dir "$out/bench_serving"
     ;;
-  *) echo "unknown mode $mode (core, kernels, attention-rvq, decode, beam, speech or serving)"; exit 2 ;;
+  *) echo "unknown mode $mode (core, kernels, attention-rvq, decode, beam, speech, image or serving)"; exit 2 ;;
 esac
 
 python - "$out" <<'PY'

@@ -47,7 +47,7 @@ def test_media_inputs_name_the_missing_flag(tmp_path):
         encode_media_file("speech", "q.wav", options)
     with pytest.raises(ValueError, match="needs --music-codec DIR"):
         encode_media_file("music", "song.wav", options)
-    with pytest.raises(ValueError, match="SEED image tokenizer"):
+    with pytest.raises(ValueError, match="needs --image-tokenizer PATH"):
         encode_media_file("image", "cat.png", options)
     np.save(tmp_path / "codes.npy", np.array([3, 1023, 0]))
     assert encode_media_file("speech", str(tmp_path / "codes.npy"), options) == "<sosp><🗣️3><🗣️1023><🗣️0><eosp>"

@@ -368,12 +368,14 @@ def test_chat_with_audio_in_and_out(chat_client, chat_engine, speech):
     assert audio == speech.synthesize(ids)
     speech_frames = sum(t in chat_engine.vocab.range("speech") for t in ids)
     assert speech_frames > 0 and read_wav_bytes("reply", audio)[0].shape == (1, 320 * speech_frames)
-    for bad_part in ({"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}},
-                     {"type": "input_audio", "input_audio": {"data": base64.b64encode(b"not a wav").decode()}},
-                     {"type": "image_url", "image_url": {"url": "http://x/y.png"}}):
+    for bad_part, param in (({"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}, ""),
+                            ({"type": "input_audio", "input_audio": {"data": base64.b64encode(b"not a wav").decode()}},
+                             ""),
+                            ({"type": "image_url", "image_url": {"url": "http://x/y.png"}}, ".image_url"),
+                            ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}, "")):
         with pytest.raises(openai.BadRequestError) as info:
             chat_client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": [bad_part]}])
-        assert info.value.param == "messages[0].content[0]"
+        assert info.value.param == "messages[0].content[0]" + param
 
 
 def test_audio_speech_and_transcriptions(chat_client, chat_server, chat_engine, speech):

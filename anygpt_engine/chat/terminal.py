@@ -19,7 +19,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 
-from anygpt_engine.chat.media import MediaOptions, encode_media_file, file_stem, write_reply_span
+from anygpt_engine.chat.media import MediaOptions, codes_only_reason, encode_media_file, file_stem, write_reply_span
 from anygpt_engine.chat.session import Chat, chat_params
 from anygpt_engine.chat.template import Reply, task_message
 
@@ -120,6 +120,8 @@ class Turns:
             written.append((span.modality, path))
             if stream:
                 self.out.write(f"{span.modality} saved: {path}\n")
+                if path.suffix == ".npy":
+                    self.out.write(f"  (codes only: {codes_only_reason(span, options)})\n")
         if stream:
             self.out.flush()
         return reply, written

@@ -28,6 +28,7 @@ the negatives' embedding noised at level 0, as AnyGPT's vendored pipeline does
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 import threading
@@ -272,6 +273,29 @@ class SeedImageTokenizer:
             finally:
                 pipeline.negative_image_embeds = None
         return list(result.images)
+
+
+def read_image(name: str, source):
+    """An RGB PIL image, fully read, from an image file's path or bytes (whatever PIL reads: png,
+    jpeg, webp, ...). FileNotFoundError for a missing path; ValueError naming `name` when PIL
+    cannot read it."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError(f"reading images needs pillow: {INSTALL_HINT}") from e
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        stream = io.BytesIO(source)
+    else:
+        stream = Path(source)
+        if not stream.is_file():
+            raise FileNotFoundError(f"{name}: no image file at {stream}")
+    try:
+        with Image.open(stream) as image:
+            return image.convert("RGB")
+    # PIL raises OSError (UnidentifiedImageError, truncated data), ValueError, SyntaxError (some
+    # decoders) or DecompressionBombError for what it cannot or will not read.
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{name} is not an image PIL can read (expected png, jpeg, ...): {err}") from None
 
 
 def _check_int(name: str, value, low: int) -> None:

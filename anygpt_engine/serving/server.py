@@ -4,7 +4,8 @@
     GET  /metrics                  Prometheus text (serving/metrics.py)
     GET  /v1/models                the served model, with max_model_len
     POST /v1/completions           prompt as text or token ids; stream (SSE) or not; return_token_ids
-    POST /v1/chat/completions      AnyGPT's chat template; input_audio parts; modalities ["text", "audio"]
+    POST /v1/chat/completions      AnyGPT's chat template; input_audio and image_url (data URL) parts;
+                                   modalities ["text", "audio"] or ["text", "image"]
     POST /v1/audio/speech          text -> wav bytes (AnyGPT's text-to-speech instruction)
     POST /v1/audio/transcriptions  multipart wav -> text (AnyGPT's speech-to-text instruction)
 
@@ -41,11 +42,12 @@ from anygpt_engine.chat.template import parse_reply
 from anygpt_engine.sampling import SamplingParams
 from anygpt_engine.serving import protocol
 from anygpt_engine.serving.async_engine import AsyncEngine, EngineClosed, EngineOverloaded, RequestStream
+from anygpt_engine.serving.image import ImageIO, data_url_bytes
 from anygpt_engine.serving.metrics import ServerMetrics
 from anygpt_engine.serving.protocol import APIError, Fields, StopStrings, bad
 from anygpt_engine.serving.speech import SPEECH_TO_TEXT, TEXT_TO_SPEECH, SpeechIO, read_wav_bytes
 
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # base64 audio in chat messages needs room
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024  # base64 audio and images in chat messages need room
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
@@ -113,7 +115,7 @@ class OpenAIServer:
     """The endpoints' logic over one AsyncEngine; `app` is the FastAPI application."""
 
     def __init__(self, engine: AsyncEngine, *, model_name: str, api_key: str | None = None,
-                 speech: SpeechIO | None = None, template: str = "MMGPT",
+                 speech: SpeechIO | None = None, images: ImageIO | None = None, template: str = "MMGPT",
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, shutdown_timeout: float = 5.0):
         if not isinstance(engine, AsyncEngine):
             raise TypeError(f"engine must be an AsyncEngine, got {type(engine).__name__}")
@@ -121,6 +123,7 @@ class OpenAIServer:
         self.model_name = model_name
         self.api_key = api_key
         self.speech = speech
+        self.images = images
         self.template = ChatTemplate.anygpt(template)
         self.max_model_len = engine.config.max_seq_len
         self.vocab_size = engine.config.vocab_size
@@ -205,6 +208,15 @@ class OpenAIServer:
             raise bad(None, f"{what} needs speech codecs, which this server was started without ({flags})",
                       "speech_unavailable")
         return self.speech
+
+    def _need_images(self, param: str, output: bool) -> ImageIO:
+        if self.images is None:
+            flags = "--image-tokenizer PATH" + (" and --image-diffusion DIR" if output else "")
+            raise bad(param, f"this server has no image tokenizer (start it with {flags})", "image_unavailable")
+        if output and not self.images.can_draw:
+            raise bad(param, "image output needs a Stable Diffusion 2.1 unCLIP pipeline to draw with, which this "
+                             "server has not (start it with --image-diffusion DIR)", "image_unavailable")
+        return self.images
 
     async def _start(self, prompt_ids: list[int], params: SamplingParams, skip_text_ids=()) -> RequestStream:
         try:
@@ -342,7 +354,8 @@ class OpenAIServer:
     # -- chat -----------------------------------------------------------------------------------
     async def _message_text(self, i: int, content) -> str:
         """A message's content as template text: text parts as they are, input_audio parts as
-        their speech tokens (<sosp>...<eosp>), joined by spaces."""
+        their speech tokens (<sosp>...<eosp>), image_url parts as their image tokens
+        (<soim>...<eoim>), joined by spaces."""
         if content is None or isinstance(content, str):
             return content or ""
         if not isinstance(content, list):
@@ -357,8 +370,11 @@ class OpenAIServer:
                 pieces.append(part["text"])
             elif kind == "input_audio":
                 pieces.append(await self._audio_part(where, part.get("input_audio")))
+            elif kind == "image_url":
+                pieces.append(await self._image_part(f"{where}.image_url", part.get("image_url")))
             else:
-                raise bad(where, f"content part type {kind!r} is not supported (expected 'text' or 'input_audio')")
+                raise bad(where, f"content part type {kind!r} is not supported (expected 'text', 'input_audio' or "
+                                 "'image_url')")
         return " ".join(p for p in pieces if p)
 
     async def _audio_part(self, where: str, audio) -> str:
@@ -373,6 +389,18 @@ class OpenAIServer:
             raise bad(where, "input_audio data is not valid base64") from None
         return await self._speech_string(where, data)
 
+    async def _image_part(self, where: str, image_url) -> str:
+        images = self._need_images(where, output=False)
+        url = image_url.get("url") if isinstance(image_url, dict) else image_url
+        if not isinstance(url, str):
+            raise bad(where, "image_url needs {'url': 'data:image/png;base64,...'}")
+        try:
+            data = data_url_bytes(where, url)
+            ids = await asyncio.to_thread(images.prompt_ids, where, data)
+        except ValueError as err:
+            raise bad(where, str(err)) from None
+        return "".join(self.tokenizer.id_to_token(t) for t in ids)
+
     async def _speech_string(self, where: str, data: bytes) -> str:
         try:
             wav, rate = read_wav_bytes(where, data)
@@ -385,9 +413,9 @@ class OpenAIServer:
         ids = (self.tokenizer.token_to_id(self.template.assistant_end), self.tokenizer.eos_token_id, *extra)
         return tuple(dict.fromkeys(t for t in ids if t is not None))
 
-    def _speech_ids(self) -> set[int]:
+    def _modality_ids(self, modality: str) -> set[int]:
         vocab = self.engine.vocab
-        return {*vocab.range("speech"), vocab.start_token("speech"), vocab.end_token("speech")}
+        return {*vocab.range(modality), vocab.start_token(modality), vocab.end_token(modality)}
 
     async def _synthesize(self, token_ids: list[int]) -> bytes:
         return await asyncio.to_thread(self.speech.synthesize, token_ids)
@@ -398,14 +426,19 @@ class OpenAIServer:
         fields = Fields(body)
         protocol.check_unsupported(fields)
         modalities = fields.get("modalities", ["text"])
-        if not isinstance(modalities, list) or not set(modalities) <= {"text", "audio"} or not modalities:
-            raise bad("modalities", f"modalities={modalities!r}, expected ['text'] or ['text', 'audio']")
-        audio_out = "audio" in modalities
+        if (not isinstance(modalities, list) or not modalities or not set(modalities) <= {"text", "audio", "image"}
+                or {"audio", "image"} <= set(modalities)):
+            raise bad("modalities", f"modalities={modalities!r}, expected ['text'], ['text', 'audio'] or "
+                                    "['text', 'image']")
+        audio_out, image_out = "audio" in modalities, "image" in modalities
         if audio_out:
             self._need_speech("audio output", output=True)
             audio = fields.get("audio", {})
             if not isinstance(audio, dict) or audio.get("format", "wav") != "wav":
                 raise bad("audio", "audio output supports {'format': 'wav'} only")
+        if image_out:
+            self._need_images("modalities", output=True)
+        forced = "speech" if audio_out else "image" if image_out else None
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise bad("messages", "messages must be a non-empty list")
@@ -415,22 +448,31 @@ class OpenAIServer:
                 raise bad(f"messages[{i}]", "a message must be an object with 'role' and 'content'")
             rendered.append({"role": m.get("role"), "content": await self._message_text(i, m.get("content"))})
         try:
-            text = self.template.render(rendered, force_modality="speech" if audio_out else None)
+            text = self.template.render(rendered, force_modality=forced)
         except (ValueError, TypeError) as err:
             raise bad("messages", str(err)) from None
         prompt = self.tokenizer.encode(text)
-        defaults = chat_params("speech" if audio_out else "text")
+        defaults, max_tokens, extra_stops = chat_params(forced or "text"), None, ()
+        if image_out:
+            # The reply is one image: <eoim> ends it, and cannot come before SEED's 32 codes.
+            codes = self.images.tokenizer.num_tokens
+            defaults, max_tokens = dataclasses.replace(defaults, min_new_tokens=codes), codes + 1
+            extra_stops = (self.engine.vocab.end_token("image"),)
         options = protocol.options(fields)
         params, stops = protocol.sampling(fields, len(prompt), self.max_model_len, self.vocab_size, defaults=defaults,
-                                          max_tokens_default=defaults.max_new_tokens, has_tokenizer=True,
-                                          stop_ids=self._chat_stop_ids())
-        skip = set(params.stop_token_ids or ()) | (self._speech_ids() if audio_out else set())
+                                          max_tokens_default=max_tokens or defaults.max_new_tokens, has_tokenizer=True,
+                                          stop_ids=self._chat_stop_ids(extra_stops))
+        skip = set(params.stop_token_ids or ()) | (self._modality_ids(forced) if forced else set())
         stream = await self._start(prompt, params, skip_text_ids=skip)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def envelope(choices, chunk=False):
             return {"id": rid, "object": "chat.completion.chunk" if chunk else "chat.completion", "created": created,
                     "model": self.model_name, "choices": choices}
+
+        async def image_reply(token_ids):
+            urls = await asyncio.to_thread(self.images.draw, token_ids, params.seed, opened=True)
+            return [{"type": "image_url", "image_url": {"url": url}} for url in urls]
 
         async def audio_reply(token_ids, transcript):
             data = await self._synthesize(token_ids)
@@ -442,6 +484,8 @@ class OpenAIServer:
             message = {"role": "assistant", "content": result.text}
             if audio_out:
                 message["audio"] = await audio_reply(result.token_ids, result.text)
+            if image_out:
+                message["images"] = await image_reply(result.token_ids)
             c = {"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}
             if options.return_token_ids:
                 c["token_ids"] = result.token_ids
@@ -465,6 +509,9 @@ class OpenAIServer:
                 if audio_out and finish is not None:
                     audio = await audio_reply(ids, "".join(texts))
                     yield envelope([{"index": 0, "delta": {"audio": audio}, "logprobs": None,
+                                     "finish_reason": None}], chunk=True)
+                if image_out and finish is not None:
+                    yield envelope([{"index": 0, "delta": {"images": await image_reply(ids)}, "logprobs": None,
                                      "finish_reason": None}], chunk=True)
                 if delta or text or finish:
                     c = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -58,11 +59,20 @@ def default_device() -> torch.device:
 
 
 @dataclass
+class TokenLogprobs:
+    """A sampled token's log-probability and the most likely alternatives (SamplingParams.logprobs)."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token id, log-probability), most likely first
+
+
+@dataclass
 class RequestOutput:
     request_id: object
     new_token_ids: list[int]  # this step's tokens (one; none for an abort; a beam search's best sequence at its end)
     finished: bool
     finish_reason: str | None  # "stop" (a stop token), "length" (max_new_tokens or context), "abort"
+    logprobs: list[TokenLogprobs] | None = None  # one per new token, when the request asked for them
 
 
 @dataclass
@@ -362,18 +372,22 @@ class Engine:
                                            tuple(request.stop_ids), self.constraint.state_after(request.prompt))
             self.kv_cache.copy_blocks(self.scheduler.blocks.take_copies())
             sampled: list[tuple[Request, int]] = []
+            logprobs: dict[object, TokenLogprobs] = {}  # by request id
             beam_groups, beam_logits = [], []
             if schedule.decodes:
                 tokens, logits = self._decode(schedule.decodes)
-                row = 0
+                row, asked = 0, []
                 for request in schedule.decodes:
                     rows = len(request.seq_ids)
                     if request.beams is None:
                         sampled.append((request, tokens[row]))
+                        if request.params.logprobs is not None:
+                            asked.append((row, request, tokens[row]))
                     else:
                         beam_groups.append(request.beams)
                         beam_logits.append(logits[row:row + rows])
                     row += rows
+                logprobs.update(self._logprobs(logits, asked))
             requests, last_logits = self._prefill(schedule.prefills)
             plain = [i for i, r in enumerate(requests) if r.beams is None]
             if plain:
@@ -381,7 +395,10 @@ class Engine:
                 with nvtx_range("anygpt/sample"):
                     tokens = sample(last_logits[plain], slots, self.sampling_state, self.constraint,
                                     SamplerWork.for_params([requests[i].params for i in plain]))
-                sampled += zip([requests[i] for i in plain], tokens.tolist())
+                tokens = tokens.tolist()
+                sampled += zip([requests[i] for i in plain], tokens)
+                logprobs.update(self._logprobs(last_logits, [(i, requests[i], token) for i, token in zip(plain, tokens)
+                                                             if requests[i].params.logprobs is not None]))
             for i, request in enumerate(requests):
                 if request.beams is not None:
                     beam_groups.append(request.beams)
@@ -393,7 +410,7 @@ class Engine:
                         self._finish(group.request, reason)
                         outputs.append(RequestOutput(group.request.request_id, tokens, True, reason))
             for request, token in sampled:
-                outputs.append(self._append(request, token))
+                outputs.append(self._append(request, token, logprobs.get(request.request_id)))
             return outputs
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None, *,
@@ -535,7 +552,27 @@ class Engine:
         self.head_rows_read += rows[1] * len(requests)
         return rows
 
-    def _append(self, request: Request, token: int) -> RequestOutput:
+    def _logprobs(self, logits: torch.Tensor | None, asked: list[tuple[int, Request, int]]) -> dict:
+        """TokenLogprobs of (logits row, request, sampled token) triples: a log-softmax over the
+        tokens legal in the request's modality state before the token (SamplingParams.logprobs)."""
+        if not asked:
+            return {}
+        rows = torch.tensor([row for row, _, _ in asked], device=self.device)
+        states = torch.tensor([request.modality for _, request, _ in asked], device=self.device)
+        tokens = torch.tensor([token for _, _, token in asked], device=self.device)
+        with nvtx_range("anygpt/logprobs"):
+            x = logits[rows].float().masked_fill(~self.constraint.allowed[states], -math.inf).log_softmax(-1)
+            chosen = x.gather(1, tokens.unsqueeze(1))[:, 0].tolist()
+            k = max(request.params.logprobs for _, request, _ in asked)
+            top_values, top_ids = (t.tolist() for t in x.topk(k, dim=-1)) if k else ([[]] * len(asked),) * 2
+        out = {}
+        for (_, request, token), logprob, values, ids in zip(asked, chosen, top_values, top_ids):
+            n = request.params.logprobs
+            top = [(i, v) for i, v in zip(ids[:n], values[:n]) if v > -math.inf]  # never an illegal token
+            out[request.request_id] = TokenLogprobs(token, logprob, top)
+        return out
+
+    def _append(self, request: Request, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         request.output.append(token)
         request.modality = self.constraint.state_after([token], request.modality)
         reason = None
@@ -545,7 +582,8 @@ class Engine:
             reason = "length"
         if reason:
             self._finish(request, reason)
-        return RequestOutput(request.request_id, [token], reason is not None, reason)
+        return RequestOutput(request.request_id, [token], reason is not None, reason,
+                             [logprobs] if logprobs is not None else None)
 
     def _finish(self, request: Request, reason: str) -> None:
         request.finished, request.finish_reason = True, reason

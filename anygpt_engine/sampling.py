@@ -31,6 +31,9 @@ _ANYGPT_PRESETS = {
 }
 
 
+MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs bound)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request samples. temperature 0 = greedy. top_k 0 = off. top_p 1 = off.
@@ -45,6 +48,11 @@ class SamplingParams:
     log-probabilities by its generated length ** length_penalty; early_stopping is True (stop
     once num_beams sequences finished), False (stop when no running beam can beat them at its
     current length) or "never" (at the best length a positive penalty allows).
+
+    logprobs N (0..20): each new token comes with its log-probability and the N most likely
+    tokens' (RequestOutput.logprobs), under the model's distribution over the tokens legal at
+    that point (the modality constraint applies; penalties, temperature and truncation do not),
+    so they never depend on the rest of the batch. Not with beam search.
     """
 
     temperature: float = 1.0
@@ -58,6 +66,7 @@ class SamplingParams:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    logprobs: int | None = None
 
     def __post_init__(self):
         def number(name):
@@ -87,6 +96,14 @@ class SamplingParams:
             object.__setattr__(self, "stop_token_ids", stops)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"SamplingParams.seed={self.seed!r}, expected an int or None")
+        if self.logprobs is not None:
+            if isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int) \
+                    or not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"SamplingParams.logprobs={self.logprobs!r}, expected None or an int in "
+                                 f"0..{MAX_LOGPROBS}")
+            if self.num_beams > 1:
+                raise ValueError(f"SamplingParams.logprobs={self.logprobs} with num_beams={self.num_beams}: "
+                                 "log-probabilities are returned for sampled tokens, not beam search")
 
     @classmethod
     def greedy(cls, max_new_tokens: int = 128, **kwargs) -> "SamplingParams":

@@ -121,6 +121,38 @@ def test_completions_equal_engine_generate(client, engine):
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(expected)
 
 
+def engine_logprobs(engine, prompt, params):
+    """(token ids, TokenLogprobs) of one request driven in process."""
+    rid = engine.add_request(prompt, params)
+    ids, entries = [], []
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.request_id == rid:
+                ids += out.new_token_ids
+                entries += out.logprobs or []
+    return ids, entries
+
+
+def test_completion_logprobs_equal_the_engines(client, engine):
+    """logprobs=N returns each token's log-probability and N alternatives, as the engine computes
+    them for the same request; streamed chunks carry their own token's; no tokenizer: token_id:N."""
+    prompt = [1, 5, 6, 7, 8]
+    ids, entries = engine_logprobs(engine, prompt, SamplingParams(max_new_tokens=6, seed=7, top_p=0.9, logprobs=3))
+    full = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, seed=7, top_p=0.9, logprobs=3,
+                                     extra_body={"return_token_ids": True}).model_dump()["choices"][0]
+    assert full["token_ids"] == ids
+    lp = full["logprobs"]
+    assert lp["tokens"] == [f"token_id:{t}" for t in ids] and lp["text_offset"] == [0] * len(ids)
+    assert lp["token_logprobs"] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+    assert [list(top) for top in lp["top_logprobs"]] == [[f"token_id:{t}" for t, _ in e.top] for e in entries]
+    assert all(len(top) == 3 for top in lp["top_logprobs"])
+    chunks = [c.model_dump()["choices"][0] for c in client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=6, seed=7, top_p=0.9, logprobs=3, stream=True)]
+    assert [t for c in chunks for t in c["logprobs"]["token_logprobs"]] == lp["token_logprobs"]
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=2).model_dump()["choices"][0]
+    assert plain["logprobs"] is None
+
+
 def test_32_concurrent_streams(server, engine):
     rng = random.Random(1)
     prompts = [[1] + [rng.randrange(3, 53516) for _ in range(rng.randint(1, 40))] for _ in range(32)]
@@ -187,7 +219,9 @@ def test_bad_inputs_get_openai_errors_and_the_server_keeps_serving(client, serve
              (dict(prompt=[1, 53516]), "prompt", "invalid_token_id"),
              (dict(prompt=[1] * 4096), "prompt", "context_length_exceeded"),
              (dict(prompt="text needs a tokenizer"), "prompt", "tokenizer_required"),
-             (dict(prompt=[1, 2], extra_body={"stop": ["x"]}), "stop", "tokenizer_required")]
+             (dict(prompt=[1, 2], extra_body={"stop": ["x"]}), "stop", "tokenizer_required"),
+             (dict(prompt=[1, 2], logprobs=21), "logprobs", None),
+             (dict(prompt=[1, 2], extra_body={"logprobs": True}), "logprobs", None)]
     for fields, param, code in cases:
         err = error(openai.BadRequestError, **fields)
         assert err.status_code == 400 and err.param == param and err.type == "invalid_request_error", fields
@@ -330,6 +364,32 @@ def test_chat_equals_chat_send(chat_client, chat_engine):
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert "".join(c["choices"][0]["delta"]["content"] or "" for c in chunks) == text
     assert chunks[-1]["choices"][0]["finish_reason"] == choice["finish_reason"]
+
+
+def test_chat_logprobs(chat_client, chat_engine):
+    """logprobs: true with top_logprobs: each reply token's entry (its text, log-probability and
+    bytes) equals the engine's for the same request; top_logprobs without logprobs is a 400."""
+    messages = [{"role": "user", "content": "Hello there, who are you?"}]
+    full = chat_client.chat.completions.create(model="tiny-chat", messages=messages, max_tokens=8, seed=3,
+                                               logprobs=True, top_logprobs=2,
+                                               extra_body={"return_token_ids": True}).model_dump()
+    choice = full["choices"][0]
+    params = dataclasses.replace(chat_params("text"), max_new_tokens=8, seed=3, logprobs=2,
+                                 stop_token_ids=stops(chat_engine))
+    ids, entries = engine_logprobs(chat_engine, full["prompt_token_ids"], params)
+    assert choice["token_ids"] == ids
+    content = choice["logprobs"]["content"]
+    assert [c["token"] for c in content] == [chat_engine.tokenizer.decode([t]) for t in ids]
+    assert [c["logprob"] for c in content] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+    assert all(c["bytes"] == list(c["token"].encode()) and len(c["top_logprobs"]) == 2 for c in content)
+    chunks = [c.model_dump() for c in chat_client.chat.completions.create(
+        model="tiny-chat", messages=messages, max_tokens=8, seed=3, logprobs=True, stream=True)]
+    streamed = [e for c in chunks[1:] if c["choices"][0]["logprobs"] for e in c["choices"][0]["logprobs"]["content"]]
+    assert [e["logprob"] for e in streamed] == [c["logprob"] for c in content]
+    assert all(e["top_logprobs"] == [] for e in streamed)
+    with pytest.raises(openai.BadRequestError) as info:
+        chat_client.chat.completions.create(model="tiny-chat", messages=messages, top_logprobs=2)
+    assert info.value.param == "top_logprobs"
 
 
 def test_text_completion_with_stop_strings(chat_client):

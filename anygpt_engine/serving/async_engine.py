@@ -138,7 +138,8 @@ class RequestStream:
         if self.finished:
             return
         self.finish_reason = "abort"
-        self._outputs.put_nowait(StreamOutput(self.request_id, [], True, "abort", "" if self._detokenizer else None))
+        self._outputs.put_nowait(StreamOutput(self.request_id, [], True, "abort",
+                                              text="" if self._detokenizer else None))
         self._owner._commands.put(("abort", self.request_id))
 
     # -- called on the stream's event loop by the engine thread's hand-off -------------------------
@@ -156,7 +157,7 @@ class RequestStream:
         if out.finished:
             self.finish_reason = out.finish_reason
         self._outputs.put_nowait(StreamOutput(out.request_id, out.new_token_ids, out.finished, out.finish_reason,
-                                              text))
+                                              logprobs=out.logprobs, text=text))
 
     def _fail(self, error: BaseException) -> None:
         if not self.finished:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from anygpt_engine.sampling import SamplingParams
+from anygpt_engine.sampling import MAX_LOGPROBS, SamplingParams
 
 
 class APIError(Exception):
@@ -96,8 +96,6 @@ def check_unsupported(fields: Fields) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if fields.number(name, 0.0) != 0.0:
             raise bad(name, f"{name} is not supported (use repetition_penalty)")
-    if fields.get("logprobs") not in (None, False) or fields.get("top_logprobs") is not None:
-        raise bad("logprobs", "logprobs are not supported")
     if fields.get("echo") not in (None, False):
         raise bad("echo", "echo is not supported")
     if fields.get("logit_bias"):
@@ -143,10 +141,12 @@ def completion_prompt(body: dict, tokenizer, vocab_size: int) -> list[int]:
 
 def sampling(fields: Fields, prompt_len: int, max_model_len: int, vocab_size: int, *, defaults: SamplingParams,
              max_tokens_default: int | None, has_tokenizer: bool,
-             stop_ids: tuple[int, ...] | None = None) -> tuple[SamplingParams, list[str]]:
+             stop_ids: tuple[int, ...] | None = None,
+             logprobs: int | None = None) -> tuple[SamplingParams, list[str]]:
     """SamplingParams and stop strings from a request's fields. max_tokens defaults to
     `max_tokens_default`, or to what the context leaves when that is None; prompt + max_tokens
-    must fit in the context (max_model_len)."""
+    must fit in the context (max_model_len). `logprobs`: from completion_logprobs or
+    chat_logprobs."""
     if prompt_len >= max_model_len:
         raise bad("prompt", f"the prompt has {prompt_len} tokens; this model's context is {max_model_len} tokens, "
                             "so a prompt may have at most max_model_len - 1", "context_length_exceeded")
@@ -182,8 +182,41 @@ def sampling(fields: Fields, prompt_len: int, max_model_len: int, vocab_size: in
         stop_ids = tuple(stop_token_ids or ())
     params = SamplingParams(temperature=temperature, top_k=max(top_k, 0), top_p=top_p,
                             repetition_penalty=repetition_penalty, min_new_tokens=min_tokens,
-                            max_new_tokens=max_tokens, stop_token_ids=stop_ids, seed=seed)
+                            max_new_tokens=max_tokens, stop_token_ids=stop_ids, seed=seed, logprobs=logprobs)
     return params, stops
+
+
+def completion_logprobs(fields: Fields) -> int | None:
+    """/v1/completions' `logprobs`: how many alternatives per token (0..20), or None."""
+    return fields.integer("logprobs", None, low=0, high=MAX_LOGPROBS)
+
+
+def chat_logprobs(fields: Fields) -> int | None:
+    """/v1/chat/completions' `logprobs: true` with `top_logprobs` alternatives (0..20), or None."""
+    top = fields.integer("top_logprobs", None, low=0, high=MAX_LOGPROBS)
+    if not fields.boolean("logprobs", False):
+        if top is not None:
+            raise bad("top_logprobs", "top_logprobs needs logprobs: true")
+        return None
+    return top or 0
+
+
+def completion_logprobs_body(entries, text_offsets, token_text) -> dict:
+    """The legacy completions logprobs object of TokenLogprobs entries."""
+    return {"tokens": [token_text(e.token_id) for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
+            "text_offset": list(text_offsets)}
+
+
+def chat_logprobs_body(entries, token_text) -> dict:
+    """The chat completions logprobs object ({"content": [...]}) of TokenLogprobs entries."""
+    def item(token_id, logprob):
+        text = token_text(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries], "refusal": None}
 
 
 def options(fields: Fields) -> Options:

@@ -109,6 +109,8 @@ class _Result:
     token_ids: list[int]
     text: str
     finish_reason: str
+    logprobs: list  # TokenLogprobs per token, when the request asked for them
+    text_offsets: list[int]  # where each of those tokens' text starts in `text`
 
 
 class OpenAIServer:
@@ -236,8 +238,8 @@ class OpenAIServer:
             self.metrics.observe(stream, finish)
 
     async def _events(self, stream: RequestStream, stops: list[str]):
-        """(token id delta, text delta, finish reason or None) per step; a stop string ends the
-        request early with "stop". Leaving (a disconnect) aborts the request."""
+        """(token id delta, text delta, finish reason or None, TokenLogprobs or None) per step; a
+        stop string ends the request early with "stop". Leaving (a disconnect) aborts the request."""
         cut = StopStrings(stops) if stops else None
         finish = None
         try:
@@ -248,7 +250,7 @@ class OpenAIServer:
                     text = cut.feed(text, final=out.finished)
                     if cut.stopped:
                         finish = "stop"
-                yield out.new_token_ids, text, finish
+                yield out.new_token_ids, text, finish, out.logprobs
                 if finish is not None:
                     return
         finally:
@@ -257,11 +259,14 @@ class OpenAIServer:
     async def _collect(self, request: Request, stream: RequestStream, stops: list[str]) -> _Result:
         """The whole generation; aborts it if the client disconnects first."""
         async def run():
-            ids, text, finish = [], [], None
-            async for delta, piece, finish in self._events(stream, stops):
+            ids, text, logprobs, offsets, length, finish = [], [], [], [], 0, None
+            async for delta, piece, finish, step_logprobs in self._events(stream, stops):
                 ids += delta
                 text.append(piece)
-            return _Result(ids, "".join(text), finish)
+                logprobs += step_logprobs or []
+                offsets += [length] * len(step_logprobs or [])
+                length += len(piece)
+            return _Result(ids, "".join(text), finish, logprobs, offsets)
 
         task = asyncio.ensure_future(run())
         watch = asyncio.ensure_future(_disconnected(request))
@@ -317,12 +322,15 @@ class OpenAIServer:
         options = protocol.options(fields)
         params, stops = protocol.sampling(fields, len(prompt), self.max_model_len, self.vocab_size,
                                           defaults=SamplingParams(), max_tokens_default=COMPLETIONS_MAX_TOKENS,
-                                          has_tokenizer=self.tokenizer is not None)
+                                          has_tokenizer=self.tokenizer is not None,
+                                          logprobs=protocol.completion_logprobs(fields))
         stream = await self._start(prompt, params)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def choice(text, ids, finish, first=False):
+        def choice(text, ids, finish, first=False, logprobs=None, offsets=()):
             c = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+            if params.logprobs is not None:
+                c["logprobs"] = protocol.completion_logprobs_body(logprobs or [], offsets, self._token_text)
             if options.return_token_ids:
                 c["token_ids"] = ids
                 if first:
@@ -335,17 +343,19 @@ class OpenAIServer:
 
         if not options.stream:
             result = await self._collect(request, stream, stops)
-            response = envelope([choice(result.text, result.token_ids, result.finish_reason, first=True)])
+            response = envelope([choice(result.text, result.token_ids, result.finish_reason, first=True,
+                                        logprobs=result.logprobs, offsets=result.text_offsets)])
             response["usage"] = self._usage(len(prompt), len(result.token_ids))
             return response
 
         async def chunks():
-            first, count = True, 0
-            async for delta, text, finish in self._events(stream, stops):
+            first, count, length = True, 0, 0
+            async for delta, text, finish, logprobs in self._events(stream, stops):
                 count += len(delta)
                 if delta or text or finish:
-                    yield envelope([choice(text, delta, finish, first)])
+                    yield envelope([choice(text, delta, finish, first, logprobs, [length] * len(logprobs or []))])
                     first = False
+                length += len(text)
             if options.include_usage:
                 yield {**envelope([]), "usage": self._usage(len(prompt), count)}
 
@@ -409,6 +419,10 @@ class OpenAIServer:
         ids = await asyncio.to_thread(self.speech.prompt_ids, wav, rate)
         return "".join(self.tokenizer.id_to_token(t) for t in ids)
 
+    def _token_text(self, token_id: int) -> str:
+        """A token as text in logprobs: its own decoding, or token_id:N without a tokenizer."""
+        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+
     def _chat_stop_ids(self, extra=()) -> tuple[int, ...]:
         ids = (self.tokenizer.token_to_id(self.template.assistant_end), self.tokenizer.eos_token_id, *extra)
         return tuple(dict.fromkeys(t for t in ids if t is not None))
@@ -461,7 +475,13 @@ class OpenAIServer:
         options = protocol.options(fields)
         params, stops = protocol.sampling(fields, len(prompt), self.max_model_len, self.vocab_size, defaults=defaults,
                                           max_tokens_default=max_tokens or defaults.max_new_tokens, has_tokenizer=True,
-                                          stop_ids=self._chat_stop_ids(extra_stops))
+                                          stop_ids=self._chat_stop_ids(extra_stops),
+                                          logprobs=protocol.chat_logprobs(fields))
+
+        def chat_logprobs(entries):
+            if params.logprobs is None:
+                return None
+            return protocol.chat_logprobs_body(entries or [], self._token_text)
         skip = set(params.stop_token_ids or ()) | (self._modality_ids(forced) if forced else set())
         stream = await self._start(prompt, params, skip_text_ids=skip)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -486,7 +506,8 @@ class OpenAIServer:
                 message["audio"] = await audio_reply(result.token_ids, result.text)
             if image_out:
                 message["images"] = await image_reply(result.token_ids)
-            c = {"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}
+            c = {"index": 0, "message": message, "logprobs": chat_logprobs(result.logprobs),
+                 "finish_reason": result.finish_reason}
             if options.return_token_ids:
                 c["token_ids"] = result.token_ids
             response = envelope([c])
@@ -503,7 +524,7 @@ class OpenAIServer:
                 head["prompt_token_ids"] = prompt
             yield head
             ids, texts = [], []
-            async for delta, text, finish in self._events(stream, stops):
+            async for delta, text, finish, logprobs in self._events(stream, stops):
                 ids += delta
                 texts.append(text)
                 if audio_out and finish is not None:
@@ -514,7 +535,7 @@ class OpenAIServer:
                     yield envelope([{"index": 0, "delta": {"images": await image_reply(ids)}, "logprobs": None,
                                      "finish_reason": None}], chunk=True)
                 if delta or text or finish:
-                    c = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None,
+                    c = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": chat_logprobs(logprobs),
                          "finish_reason": finish}
                     if options.return_token_ids:
                         c["token_ids"] = delta

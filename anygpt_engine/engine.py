@@ -200,16 +200,16 @@ class Engine:
         self.graphs = None
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
-        if cuda_graphs:
-            if self.device.type != "cuda":
-                raise ValueError("cuda_graphs=True needs a CUDA device")
-            self.graphs = self._capture_decode_graphs(max_batch_size, blocks_per_seq)
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs a CUDA device")
         self.warm_up_summary = None
-        if warm_up is None:
-            warm_up = self.device.type == "cuda"
-        if warm_up:
+        if warm_up if warm_up is not None else self.device.type == "cuda":
+            # Before the capture: its decode steps run eagerly, so every tensor-parallel rank
+            # samples from its own requests' state (a follower's graphs do not sample).
             with self.model.in_lockstep() if tensor_parallel_size > 1 else contextlib.nullcontext():
                 self.warm_up_summary = self.warm_up()
+        if cuda_graphs:
+            self.graphs = self._capture_decode_graphs(max_batch_size, blocks_per_seq)
 
     def warm_up(self) -> warmup.WarmUp:
         """Runs the prefill and sampling shapes serving will meet, so Triton compiles now rather

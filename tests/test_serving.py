@@ -153,6 +153,35 @@ def test_completion_logprobs_equal_the_engines(client, engine):
     assert plain["logprobs"] is None
 
 
+def test_n_choices_are_requests_with_consecutive_seeds(client, server, engine):
+    """n=3 with seed 7: choice i is the request with seed 7 + i, in full responses and streamed
+    (chunks interleave, each names its choice); usage counts every choice; a client that leaves a
+    3-choice stream frees every choice's blocks."""
+    prompt = [1, 9, 8, 7, 6]
+    expected = engine.generate([prompt] * 3, [SamplingParams(max_new_tokens=5, seed=7 + i, top_k=30,
+                                                             stop_token_ids=()) for i in range(3)])
+    extra = {"return_token_ids": True, "top_k": 30, "ignore_eos": True}
+    full = client.completions.create(model="tiny", prompt=prompt, max_tokens=5, seed=7, n=3,
+                                     extra_body=extra).model_dump()
+    assert [c["index"] for c in full["choices"]] == [0, 1, 2]
+    assert [c["token_ids"] for c in full["choices"]] == expected
+    assert full["usage"]["completion_tokens"] == 15
+    streamed = {0: [], 1: [], 2: []}
+    for chunk in client.completions.create(model="tiny", prompt=prompt, max_tokens=5, seed=7, n=3, stream=True,
+                                           extra_body=extra):
+        for c in chunk.model_dump()["choices"]:
+            streamed[c["index"]] += c["token_ids"]
+    assert [streamed[i] for i in range(3)] == expected
+    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=200, n=3, stream=True)
+    next(iter(stream))
+    stream.close()
+    assert wait_idle(server.base)["anygpt_kv_blocks_used"] == 0
+    for bad_n in (0, 17):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=2, n=bad_n)
+        assert info.value.param == "n"
+
+
 def test_32_concurrent_streams(server, engine):
     rng = random.Random(1)
     prompts = [[1] + [rng.randrange(3, 53516) for _ in range(rng.randint(1, 40))] for _ in range(32)]
@@ -390,6 +419,26 @@ def test_chat_logprobs(chat_client, chat_engine):
     with pytest.raises(openai.BadRequestError) as info:
         chat_client.chat.completions.create(model="tiny-chat", messages=messages, top_logprobs=2)
     assert info.value.param == "top_logprobs"
+
+
+def test_chat_n_choices(chat_client):
+    """Chat with n=2 and a seed: choice i is the one-choice reply with seed + i, streamed too;
+    several audio replies in one request are refused."""
+    messages = [{"role": "user", "content": "Tell me something."}]
+    kwargs = dict(model="tiny-chat", messages=messages, max_tokens=6, extra_body={"return_token_ids": True})
+    one = [chat_client.chat.completions.create(seed=seed, **kwargs).model_dump()["choices"][0] for seed in (4, 5)]
+    two = chat_client.chat.completions.create(seed=4, n=2, **kwargs).model_dump()["choices"]
+    assert [c["token_ids"] for c in two] == [c["token_ids"] for c in one]
+    assert [c["message"]["content"] for c in two] == [c["message"]["content"] for c in one]
+    text = {0: "", 1: ""}
+    for chunk in chat_client.chat.completions.create(seed=4, n=2, stream=True, **kwargs):
+        for c in chunk.choices:
+            text[c.index] += c.delta.content or ""
+    assert [text[0], text[1]] == [c["message"]["content"] for c in one]
+    with pytest.raises(openai.BadRequestError) as info:
+        chat_client.chat.completions.create(model="tiny-chat", messages=messages, n=2, modalities=["text", "audio"],
+                                            audio={"voice": "alloy", "format": "wav"})
+    assert info.value.param == "n"
 
 
 def test_text_completion_with_stop_strings(chat_client):

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from anygpt_engine.sampling import MAX_LOGPROBS, SamplingParams
 
+MAX_CHOICES = 16  # `n`: more is more requests' worth of batch slots and KV cache for one client
+
 
 class APIError(Exception):
     """An error response: {"error": {"message", "type", "param", "code"}} with an HTTP status."""
@@ -89,8 +91,6 @@ class Fields:
 
 def check_unsupported(fields: Fields) -> None:
     """OpenAI fields the engine does not implement: rejected unless they ask for the default."""
-    if fields.integer("n", 1) != 1:
-        raise bad("n", f"n={fields.get('n')}: one choice per request is supported (send several requests)")
     if fields.integer("best_of", 1) != 1:
         raise bad("best_of", "best_of is not supported")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -184,6 +184,11 @@ def sampling(fields: Fields, prompt_len: int, max_model_len: int, vocab_size: in
                             repetition_penalty=repetition_penalty, min_new_tokens=min_tokens,
                             max_new_tokens=max_tokens, stop_token_ids=stop_ids, seed=seed, logprobs=logprobs)
     return params, stops
+
+
+def choices(fields: Fields) -> int:
+    """`n`: how many choices (each its own request of the same prompt), 1..MAX_CHOICES."""
+    return fields.integer("n", 1, low=1, high=MAX_CHOICES)
 
 
 def completion_logprobs(fields: Fields) -> int | None:

@@ -230,6 +230,25 @@ class OpenAIServer:
         except (ValueError, TypeError) as err:
             raise bad(None, str(err)) from None
 
+    async def _start_choices(self, prompt_ids: list[int], params: SamplingParams, n: int,
+                             skip_text_ids=()) -> list[RequestStream]:
+        """n requests of one prompt, one per choice (they share the prompt's cached KV blocks);
+        with a seed, choice i samples with seed + i."""
+        streams = []
+        try:
+            for i in range(n):
+                choice = params if params.seed is None or i == 0 else dataclasses.replace(
+                    params, seed=(params.seed + i + 2 ** 63) % 2 ** 64 - 2 ** 63)  # stays a signed 64-bit seed
+                streams.append(await self._start(prompt_ids, choice, skip_text_ids))
+        except BaseException:
+            self._end_all(streams)
+            raise
+        return streams
+
+    def _end_all(self, streams: list[RequestStream]) -> None:
+        for stream in streams:
+            self._end(stream, None)
+
     def _end(self, stream: RequestStream, finish: str | None) -> None:
         """Aborts the request if it still runs (a no-op once finished) and records it, once."""
         stream.abort()
@@ -255,6 +274,45 @@ class OpenAIServer:
                     return
         finally:
             self._end(stream, finish)
+
+    async def _choice_events(self, streams: list[RequestStream], stops: list[str]):
+        """(choice index, _events' tuple) of every stream, as they come; an error in one ends all."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, stream):
+            try:
+                async for event in self._events(stream, stops):
+                    queue.put_nowait((i, event))
+                queue.put_nowait((i, None))
+            except Exception as err:  # noqa: BLE001 - re-raised below, in the consumer
+                queue.put_nowait((i, err))
+
+        tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+        try:
+            running = len(tasks)
+            while running:
+                i, event = await queue.get()
+                if isinstance(event, Exception):
+                    raise event
+                if event is None:
+                    running -= 1
+                else:
+                    yield i, event
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._end_all(streams)
+
+    async def _collect_all(self, request: Request, streams: list[RequestStream], stops: list[str]) -> list[_Result]:
+        tasks = [asyncio.ensure_future(self._collect(request, stream, stops)) for stream in streams]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # a choice that failed takes the others down
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self._end_all(streams)
 
     async def _collect(self, request: Request, stream: RequestStream, stops: list[str]) -> _Result:
         """The whole generation; aborts it if the client disconnects first."""
@@ -286,13 +344,13 @@ class OpenAIServer:
         return {"prompt_tokens": prompt_len, "completion_tokens": completion_len,
                 "total_tokens": prompt_len + completion_len}
 
-    def _sse(self, chunks, stream: RequestStream) -> StreamingResponse:
+    def _sse(self, chunks, streams: list[RequestStream]) -> StreamingResponse:
         async def body():
             async for chunk in chunks:
                 yield f"data: {_dumps(chunk)}\n\n"
             yield "data: [DONE]\n\n"
 
-        return _EventStream(body(), on_close=lambda: self._end(stream, None))
+        return _EventStream(body(), on_close=lambda: self._end_all(streams))
 
     # -- endpoints ------------------------------------------------------------------------------
     async def health(self):
@@ -324,11 +382,11 @@ class OpenAIServer:
                                           defaults=SamplingParams(), max_tokens_default=COMPLETIONS_MAX_TOKENS,
                                           has_tokenizer=self.tokenizer is not None,
                                           logprobs=protocol.completion_logprobs(fields))
-        stream = await self._start(prompt, params)
+        streams = await self._start_choices(prompt, params, protocol.choices(fields))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def choice(text, ids, finish, first=False, logprobs=None, offsets=()):
-            c = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
+        def choice(i, text, ids, finish, first=False, logprobs=None, offsets=()):
+            c = {"index": i, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
             if params.logprobs is not None:
                 c["logprobs"] = protocol.completion_logprobs_body(logprobs or [], offsets, self._token_text)
             if options.return_token_ids:
@@ -342,24 +400,25 @@ class OpenAIServer:
                     "choices": choices}
 
         if not options.stream:
-            result = await self._collect(request, stream, stops)
-            response = envelope([choice(result.text, result.token_ids, result.finish_reason, first=True,
-                                        logprobs=result.logprobs, offsets=result.text_offsets)])
-            response["usage"] = self._usage(len(prompt), len(result.token_ids))
+            results = await self._collect_all(request, streams, stops)
+            response = envelope([choice(i, r.text, r.token_ids, r.finish_reason, first=True, logprobs=r.logprobs,
+                                        offsets=r.text_offsets) for i, r in enumerate(results)])
+            response["usage"] = self._usage(len(prompt), sum(len(r.token_ids) for r in results))
             return response
 
         async def chunks():
-            first, count, length = True, 0, 0
-            async for delta, text, finish, logprobs in self._events(stream, stops):
+            started, count, length = set(), 0, [0] * len(streams)
+            async for i, (delta, text, finish, logprobs) in self._choice_events(streams, stops):
                 count += len(delta)
                 if delta or text or finish:
-                    yield envelope([choice(text, delta, finish, first, logprobs, [length] * len(logprobs or []))])
-                    first = False
-                length += len(text)
+                    yield envelope([choice(i, text, delta, finish, i not in started, logprobs,
+                                           [length[i]] * len(logprobs or []))])
+                    started.add(i)
+                length[i] += len(text)
             if options.include_usage:
                 yield {**envelope([]), "usage": self._usage(len(prompt), count)}
 
-        return self._sse(chunks(), stream)
+        return self._sse(chunks(), streams)
 
     # -- chat -----------------------------------------------------------------------------------
     async def _message_text(self, i: int, content) -> str:
@@ -482,8 +541,12 @@ class OpenAIServer:
             if params.logprobs is None:
                 return None
             return protocol.chat_logprobs_body(entries or [], self._token_text)
+        n = protocol.choices(fields)
+        if n > 1 and forced:
+            raise bad("n", f"n={n} with {forced} output: one choice per request is supported for audio and image "
+                           "replies")
         skip = set(params.stop_token_ids or ()) | (self._modality_ids(forced) if forced else set())
-        stream = await self._start(prompt, params, skip_text_ids=skip)
+        streams = await self._start_choices(prompt, params, n, skip_text_ids=skip)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def envelope(choices, chunk=False):
@@ -500,50 +563,52 @@ class OpenAIServer:
                     "expires_at": int(time.time()) + 3600, "transcript": transcript}
 
         if not options.stream:
-            result = await self._collect(request, stream, stops)
-            message = {"role": "assistant", "content": result.text}
-            if audio_out:
-                message["audio"] = await audio_reply(result.token_ids, result.text)
-            if image_out:
-                message["images"] = await image_reply(result.token_ids)
-            c = {"index": 0, "message": message, "logprobs": chat_logprobs(result.logprobs),
-                 "finish_reason": result.finish_reason}
-            if options.return_token_ids:
-                c["token_ids"] = result.token_ids
-            response = envelope([c])
+            results = await self._collect_all(request, streams, stops)
+            choices = []
+            for i, result in enumerate(results):
+                message = {"role": "assistant", "content": result.text}
+                if audio_out:
+                    message["audio"] = await audio_reply(result.token_ids, result.text)
+                if image_out:
+                    message["images"] = await image_reply(result.token_ids)
+                c = {"index": i, "message": message, "logprobs": chat_logprobs(result.logprobs),
+                     "finish_reason": result.finish_reason}
+                if options.return_token_ids:
+                    c["token_ids"] = result.token_ids
+                choices.append(c)
+            response = envelope(choices)
             if options.return_token_ids:
                 response["prompt_token_ids"] = prompt
-            response["usage"] = self._usage(len(prompt), len(result.token_ids))
+            response["usage"] = self._usage(len(prompt), sum(len(r.token_ids) for r in results))
             return response
 
         async def chunks():
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None}
-            head = envelope([first], chunk=True)
+            head = envelope([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None} for i in range(n)], chunk=True)
             if options.return_token_ids:
                 head["prompt_token_ids"] = prompt
             yield head
-            ids, texts = [], []
-            async for delta, text, finish, logprobs in self._events(stream, stops):
-                ids += delta
-                texts.append(text)
+            ids, texts = [[] for _ in range(n)], [[] for _ in range(n)]
+            async for i, (delta, text, finish, logprobs) in self._choice_events(streams, stops):
+                ids[i] += delta
+                texts[i].append(text)
                 if audio_out and finish is not None:
-                    audio = await audio_reply(ids, "".join(texts))
-                    yield envelope([{"index": 0, "delta": {"audio": audio}, "logprobs": None,
+                    audio = await audio_reply(ids[i], "".join(texts[i]))
+                    yield envelope([{"index": i, "delta": {"audio": audio}, "logprobs": None,
                                      "finish_reason": None}], chunk=True)
                 if image_out and finish is not None:
-                    yield envelope([{"index": 0, "delta": {"images": await image_reply(ids)}, "logprobs": None,
+                    yield envelope([{"index": i, "delta": {"images": await image_reply(ids[i])}, "logprobs": None,
                                      "finish_reason": None}], chunk=True)
                 if delta or text or finish:
-                    c = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": chat_logprobs(logprobs),
+                    c = {"index": i, "delta": {"content": text} if text else {}, "logprobs": chat_logprobs(logprobs),
                          "finish_reason": finish}
                     if options.return_token_ids:
                         c["token_ids"] = delta
                     yield envelope([c], chunk=True)
             if options.include_usage:
-                yield {**envelope([], chunk=True), "usage": self._usage(len(prompt), len(ids))}
+                yield {**envelope([], chunk=True), "usage": self._usage(len(prompt), sum(map(len, ids)))}
 
-        return self._sse(chunks(), stream)
+        return self._sse(chunks(), streams)
 
     # -- audio ----------------------------------------------------------------------------------
     async def _reply_tokens(self, request, prompt: list[int], params: SamplingParams, skip=()) -> _Result:

@@ -487,6 +487,66 @@ def test_chat_with_audio_in_and_out(chat_client, chat_engine, speech):
         assert info.value.param == "messages[0].content[0]" + param
 
 
+def test_chat_streams_pcm16_audio_while_it_speaks(chat_client, chat_engine, speech):
+    """audio format pcm16, streamed: the reply's audio arrives in chunks while the LLM is still
+    speaking (SpeechPipeline.stream: the first after 25 frames), the chunks joined equal the
+    pipeline's stream over the reply's tokens, and the last audio chunk carries the transcript.
+    Not streamed, pcm16 is the whole utterance's samples."""
+    kwargs = dict(model="tiny-chat", messages=[{"role": "user", "content": "Say something long."}],
+                  modalities=["text", "audio"], audio={"voice": "alloy", "format": "pcm16"}, max_tokens=60, seed=5,
+                  extra_body={"return_token_ids": True, "ignore_eos": True})
+    full = chat_client.chat.completions.create(**kwargs).model_dump()["choices"][0]
+    ids = full["token_ids"]
+    frames = sum(t in chat_engine.vocab.range("speech") for t in ids)
+    assert frames > 25  # more than the first streamed chunk
+    whole = base64.b64decode(full["message"]["audio"]["data"])
+    assert whole == speech.synthesize(ids, "pcm16") and len(whole) == 2 * 320 * frames
+    events = []  # ("audio", bytes) / ("text", token count so far) in arrival order
+    seen = 0
+    for chunk in chat_client.chat.completions.create(stream=True, **kwargs):
+        choice = chunk.model_dump()["choices"][0]
+        audio = choice["delta"].get("audio")
+        if audio and audio.get("data"):
+            events.append(("audio", base64.b64decode(audio["data"])))
+        elif audio:
+            assert audio["transcript"] == full["message"]["content"]
+        seen += len(choice.get("token_ids") or [])
+        events.append(("tokens", seen))
+    streamed = b"".join(data for kind, data in events if kind == "audio")
+    from anygpt_engine.serving.speech import pcm16_bytes
+
+    assert streamed == b"".join(pcm16_bytes(w) for w in speech.pipeline.stream(ids, voice=speech.voice))
+    assert sum(kind == "audio" for kind, _ in events) >= 2
+    with pytest.raises(openai.BadRequestError) as info:
+        chat_client.chat.completions.create(**{**kwargs, "audio": {"voice": "alloy", "format": "mp3"}})
+    assert info.value.param == "audio"
+
+
+def test_speech_stream_gives_audio_before_the_reply_ends(chat_engine, speech):
+    """SpeechStream: 30 speech tokens in (the first chunk is 25 frames) and the first audio is
+    ready before end(); the rest follows end(); joined, the pipeline's stream."""
+    from anygpt_engine.serving.speech import pcm16_bytes
+
+    values = chat_engine.vocab.range("speech")
+    ids = [values[(37 * i) % len(values)] for i in range(40)]
+
+    async def run():
+        stream = speech.stream(asyncio.get_running_loop())
+        stream.feed(ids[:30])
+        first = []
+        for _ in range(3000):
+            first = stream.ready()
+            if first:
+                break
+            await asyncio.sleep(0.01)
+        stream.feed(ids[30:])
+        return first, [c async for c in stream.rest()]
+
+    first, rest = asyncio.run(asyncio.wait_for(run(), 60))
+    assert first, "no audio before the reply ended"
+    assert b"".join(first + rest) == b"".join(pcm16_bytes(w) for w in speech.pipeline.stream(ids, voice=speech.voice))
+
+
 def test_audio_speech_and_transcriptions(chat_client, chat_server, chat_engine, speech):
     tokenizer, template, vocab = chat_engine.tokenizer, ChatTemplate.anygpt(), chat_engine.vocab
     wav = chat_client.audio.speech.create(model="tiny-chat", input="Hello world", voice="alloy",

@@ -490,8 +490,8 @@ class OpenAIServer:
         vocab = self.engine.vocab
         return {*vocab.range(modality), vocab.start_token(modality), vocab.end_token(modality)}
 
-    async def _synthesize(self, token_ids: list[int]) -> bytes:
-        return await asyncio.to_thread(self.speech.synthesize, token_ids)
+    async def _synthesize(self, token_ids: list[int], audio_format: str = "wav") -> bytes:
+        return await asyncio.to_thread(self.speech.synthesize, token_ids, audio_format)
 
     async def chat_completions(self, request: Request):
         body = await self._json(request)
@@ -504,11 +504,14 @@ class OpenAIServer:
             raise bad("modalities", f"modalities={modalities!r}, expected ['text'], ['text', 'audio'] or "
                                     "['text', 'image']")
         audio_out, image_out = "audio" in modalities, "image" in modalities
+        audio_format = "wav"
         if audio_out:
             self._need_speech("audio output", output=True)
             audio = fields.get("audio", {})
-            if not isinstance(audio, dict) or audio.get("format", "wav") != "wav":
-                raise bad("audio", "audio output supports {'format': 'wav'} only")
+            audio_format = audio.get("format", "wav") if isinstance(audio, dict) else None
+            if audio_format not in ("wav", "pcm16"):
+                raise bad("audio", "audio output supports {'format': 'wav'} and {'format': 'pcm16'} (16 kHz mono; "
+                                   "streamed as it is spoken)")
         if image_out:
             self._need_images("modalities", output=True)
         forced = "speech" if audio_out else "image" if image_out else None
@@ -557,10 +560,16 @@ class OpenAIServer:
             urls = await asyncio.to_thread(self.images.draw, token_ids, params.seed, opened=True)
             return [{"type": "image_url", "image_url": {"url": url}} for url in urls]
 
+        audio_id = f"audio-{uuid.uuid4().hex}"
+
         async def audio_reply(token_ids, transcript):
-            data = await self._synthesize(token_ids)
-            return {"id": f"audio-{uuid.uuid4().hex}", "data": base64.b64encode(data).decode(),
+            data = await self._synthesize(token_ids, audio_format)
+            return {"id": audio_id, "data": base64.b64encode(data).decode(),
                     "expires_at": int(time.time()) + 3600, "transcript": transcript}
+
+        def audio_chunk(i, audio):
+            return envelope([{"index": i, "delta": {"audio": {"id": audio_id, **audio}}, "logprobs": None,
+                              "finish_reason": None}], chunk=True)
 
         if not options.stream:
             results = await self._collect_all(request, streams, stops)
@@ -589,22 +598,33 @@ class OpenAIServer:
                 head["prompt_token_ids"] = prompt
             yield head
             ids, texts = [[] for _ in range(n)], [[] for _ in range(n)]
-            async for i, (delta, text, finish, logprobs) in self._choice_events(streams, stops):
-                ids[i] += delta
-                texts[i].append(text)
-                if audio_out and finish is not None:
-                    audio = await audio_reply(ids[i], "".join(texts[i]))
-                    yield envelope([{"index": i, "delta": {"audio": audio}, "logprobs": None,
-                                     "finish_reason": None}], chunk=True)
-                if image_out and finish is not None:
-                    yield envelope([{"index": i, "delta": {"images": await image_reply(ids[i])}, "logprobs": None,
-                                     "finish_reason": None}], chunk=True)
-                if delta or text or finish:
-                    c = {"index": i, "delta": {"content": text} if text else {}, "logprobs": chat_logprobs(logprobs),
-                         "finish_reason": finish}
-                    if options.return_token_ids:
-                        c["token_ids"] = delta
-                    yield envelope([c], chunk=True)
+            # pcm16 audio goes out while the reply is spoken; a wav comes whole at the end
+            spoken = self.speech.stream(asyncio.get_running_loop()) if audio_format == "pcm16" else None
+            try:
+                async for i, (delta, text, finish, logprobs) in self._choice_events(streams, stops):
+                    ids[i] += delta
+                    texts[i].append(text)
+                    if spoken is not None:
+                        spoken.feed(delta)
+                        for data in spoken.ready() if finish is None else [d async for d in spoken.rest()]:
+                            yield audio_chunk(i, {"data": base64.b64encode(data).decode()})
+                        if finish is not None:
+                            yield audio_chunk(i, {"transcript": "".join(texts[i]),
+                                                  "expires_at": int(time.time()) + 3600})
+                    elif audio_out and finish is not None:
+                        yield audio_chunk(i, await audio_reply(ids[i], "".join(texts[i])))
+                    if image_out and finish is not None:
+                        yield envelope([{"index": i, "delta": {"images": await image_reply(ids[i])},
+                                         "logprobs": None, "finish_reason": None}], chunk=True)
+                    if delta or text or finish:
+                        c = {"index": i, "delta": {"content": text} if text else {},
+                             "logprobs": chat_logprobs(logprobs), "finish_reason": finish}
+                        if options.return_token_ids:
+                            c["token_ids"] = delta
+                        yield envelope([c], chunk=True)
+            finally:
+                if spoken is not None:
+                    spoken.end()  # a client that left: the worker thread stops
             if options.include_usage:
                 yield {**envelope([], chunk=True), "usage": self._usage(len(prompt), sum(map(len, ids)))}
 

@@ -9,7 +9,9 @@ whose later 'Text-to-Speech' / 'Speech-to-Text' entries win): text to speech is
 
 from __future__ import annotations
 
+import asyncio
 import io
+import queue
 import threading
 
 import torch
@@ -28,6 +30,13 @@ def wav_bytes(wav: torch.Tensor, sample_rate: int) -> bytes:
     soundfile.write(buffer, wav.detach().float().cpu().clamp(-1, 1).numpy(), sample_rate, format="WAV",
                     subtype="PCM_16")
     return buffer.getvalue()
+
+
+def pcm16_bytes(wav: torch.Tensor) -> bytes:
+    """Raw 16-bit little-endian PCM of [samples] float audio (clipped to [-1, 1]): OpenAI's
+    streaming audio format, at the pipeline's rate (16 kHz mono)."""
+    samples = (wav.detach().float().cpu().clamp(-1, 1) * 32767).round().to(torch.int16)
+    return samples.numpy().astype("<i2").tobytes()
 
 
 def read_wav_bytes(name: str, data: bytes) -> tuple[torch.Tensor, int]:
@@ -90,13 +99,90 @@ class SpeechIO:
             codes = self.tokenizer.encode(wav.mean(dim=0, keepdim=True), sample_rate, levels=1)[0]
             return speech_tokens(codes, self.vocab, markers=True).tolist()
 
-    def synthesize(self, reply_ids: list[int]) -> bytes:
-        """wav bytes of a reply's speech tokens (other tokens are ignored); a reply without any
-        gives a wav of no samples."""
+    def synthesize(self, reply_ids: list[int], audio_format: str = "wav") -> bytes:
+        """wav bytes (or raw pcm16 with audio_format="pcm16") of a reply's speech tokens (other
+        tokens are ignored); a reply without any gives no samples."""
         vocab = self.pipeline.vocab
         speech = [t for t in reply_ids if t in vocab.range("speech")]
-        rate = self.pipeline.sample_rate
-        if not speech:
-            return wav_bytes(torch.zeros(0), rate)
-        with self._lock:
-            return wav_bytes(self.pipeline.synthesize(speech, voice=self.voice), rate)
+        wav = torch.zeros(0)
+        if speech:
+            with self._lock:
+                wav = self.pipeline.synthesize(speech, voice=self.voice)
+        return pcm16_bytes(wav) if audio_format == "pcm16" else wav_bytes(wav, self.pipeline.sample_rate)
+
+    def stream(self, loop: asyncio.AbstractEventLoop) -> "SpeechStream":
+        """Audio of one reply while its tokens arrive (SpeechStream)."""
+        return SpeechStream(self, loop)
+
+
+class SpeechStream:
+    """A reply's audio while the engine still generates it: `feed` the reply's token ids as they
+    come, `end()` when it is over, and take pcm16 chunks from `ready()` (what is done now) and
+    `rest()` (everything after end()). SpeechPipeline.stream runs on a worker thread; it holds
+    SpeechIO's lock only while it computes, never while it waits for tokens, so other replies'
+    codec work interleaves with it."""
+
+    def __init__(self, speech: SpeechIO, loop: asyncio.AbstractEventLoop):
+        self._speech, self._loop = speech, loop
+        self._tokens: queue.Queue = queue.Queue()
+        self._audio: asyncio.Queue = asyncio.Queue()
+        self._ended = False
+        threading.Thread(target=self._run, name="anygpt-speech-stream", daemon=True).start()
+
+    def feed(self, token_ids: list[int]) -> None:
+        if token_ids:
+            self._tokens.put(list(token_ids))
+
+    def end(self) -> None:
+        """No more tokens (also what a client that left calls): the worker finishes the audio and stops."""
+        if not self._ended:
+            self._ended = True
+            self._tokens.put(None)
+
+    def ready(self) -> list[bytes]:
+        chunks = []
+        while not self._audio.empty():
+            item = self._audio.get_nowait()
+            if item is None:
+                self._audio.put_nowait(None)  # the end stays visible to rest()
+                break
+            if isinstance(item, BaseException):
+                raise item
+            chunks.append(item)
+        return chunks
+
+    async def rest(self):
+        self.end()
+        while (item := await self._audio.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _run(self) -> None:
+        lock = self._speech._lock
+
+        def tokens():
+            while True:
+                lock.release()  # waiting for the engine: let other replies use the codecs
+                try:
+                    ids = self._tokens.get()
+                finally:
+                    lock.acquire()
+                if ids is None:
+                    return
+                yield from ids
+
+        def put(item):
+            try:
+                self._loop.call_soon_threadsafe(self._audio.put_nowait, item)
+            except RuntimeError:  # the event loop is closed: nobody is listening
+                pass
+
+        try:
+            with lock:
+                for wav in self._speech.pipeline.stream(tokens(), voice=self._speech.voice):
+                    if len(wav):
+                        put(pcm16_bytes(wav))
+        except Exception as err:  # noqa: BLE001 - handed to the listener
+            put(err)
+        put(None)

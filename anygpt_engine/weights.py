@@ -132,6 +132,26 @@ def load_into(model: torch.nn.Module, config: ModelConfig, tensors) -> None:
         raise ValueError("checkpoint does not match the model config: " + "; ".join(parts))
 
 
+_HF_NAMES = {"tok_embeddings": "model.embed_tokens.weight", "norm": "model.norm.weight", "output": "lm_head.weight",
+             "attention_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
+             "wo": "self_attn.o_proj.weight", "w2": "mlp.down_proj.weight"}
+
+
+def hf_tensors(name: str, tensor: torch.Tensor, config: ModelConfig) -> list[tuple[str, torch.Tensor]]:
+    """One engine parameter (`Llama.named_parameters()` name) as the HF tensors it holds: the
+    fused wqkv and w13 split into q/k/v and gate/up (views)."""
+    if not name.startswith("layers."):
+        return [(_HF_NAMES[name], tensor)]
+    _, i, kind = name.split(".")
+    prefix = f"model.layers.{i}."
+    if kind == "wqkv":
+        parts = tensor.split([config.q_size, config.kv_size, config.kv_size])
+        return [(prefix + f"self_attn.{x}_proj.weight", part) for x, part in zip("qkv", parts)]
+    if kind == "w13":
+        return [(prefix + f"mlp.{x}_proj.weight", part) for x, part in zip(("gate", "up"), tensor.chunk(2))]
+    return [(prefix + _HF_NAMES[kind], tensor)]
+
+
 def hf_state_dict(model: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
     """The engine's weights under HF names (for transformers comparisons and export)."""
     from anygpt_engine.quantization import QuantizedWeight
@@ -139,17 +159,5 @@ def hf_state_dict(model: torch.nn.Module, config: ModelConfig) -> dict[str, torc
     if any(isinstance(m, QuantizedWeight) for m in model.modules()):
         raise ValueError("the model's matrices are quantized (Engine(quantization=...)); export the 16-bit weights "
                          "they were quantized from instead")
-    out = {"model.embed_tokens.weight": model.tok_embeddings, "model.norm.weight": model.norm}
-    if model.output is not None:
-        out["lm_head.weight"] = model.output
-    for i, block in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        q, k, v = block.wqkv.split([config.q_size, config.kv_size, config.kv_size])
-        gate, up = block.w13.chunk(2)
-        out.update({
-            p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
-            p + "self_attn.o_proj.weight": block.wo, p + "mlp.gate_proj.weight": gate,
-            p + "mlp.up_proj.weight": up, p + "mlp.down_proj.weight": block.w2,
-            p + "input_layernorm.weight": block.attention_norm, p + "post_attention_layernorm.weight": block.ffn_norm,
-        })
-    return {k: v.detach() for k, v in out.items()}
+    return {hf_name: part.detach() for name, p in model.named_parameters()
+            for hf_name, part in hf_tensors(name, p, config)}

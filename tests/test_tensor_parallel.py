@@ -136,6 +136,24 @@ def test_two_ranks_match_one_rank(checkpoints, tmp_path):
             assert (got_rows[:, legal] - ref_rows[:, legal]).abs().max() <= 1e-4 * ref_rows[:, legal].abs().max()
 
 
+def test_a_preset_draws_the_same_random_weights_at_any_size(tmp_path):
+    """Without a checkpoint each rank takes its slices of the weights one rank draws from the
+    seed, so the tiny preset generates the same tokens on two ranks as on one."""
+    out = tmp_path / "trace.json"
+    procs = _ranks("compare", out, 60, ["tiny"])
+    try:
+        codes = [_wait(p, 120) for p in procs]
+        logs = [p.stdout.read().decode(errors="replace")[-3000:] for p in procs]
+    finally:
+        _kill(procs)
+    assert codes == [0, 0], logs
+    (two,) = json.loads(out.read_text())
+    one = trace(Engine("tiny", device="cpu", dtype=torch.float32))
+    assert two["generate"] == one["generate"] and two["serve"] == one["serve"]
+    ref, got = torch.tensor(one["logits"]), torch.tensor(two["logits"])
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
 def test_two_ranks_replaying_decode_graphs_match_one_rank(checkpoints, tmp_path):
     """Decode steps from captured graphs (CUDA graphs stood in for on the CPU): both ranks capture
     in lockstep, rank 0 publishes each replay's inputs and both replay their own graph; tokens

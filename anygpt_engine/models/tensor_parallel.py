@@ -277,7 +277,25 @@ class TensorParallelLlama(Llama):
             self.plan.publish(method, *args)
 
     def init_random(self, seed: int = 0, std: float = 0.02) -> None:
-        super().init_random(seed + 7919 * self.shard.rank, std)  # distinct shards; not the TP=1 weights
+        """This rank's slices of the weights one rank draws with the same seed (Llama.init_random's
+        order and generator, each tensor drawn whole, one at a time), so a preset generates the
+        same tokens at every tensor-parallel size."""
+        from anygpt_engine.weights import hf_tensors, load_into
+
+        whole = Llama(self.full_config, device="meta")
+        device, dtype = self.tok_embeddings.device, self.tok_embeddings.dtype
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+        def tensors():
+            for name, p in whole.named_parameters():
+                if name.endswith("norm"):
+                    t = torch.ones(p.shape, device=device, dtype=dtype)
+                else:
+                    t = torch.empty(p.shape, device=device, dtype=dtype).normal_(0.0, std, generator=generator)
+                for hf_name, part in hf_tensors(name, t, self.full_config):
+                    yield hf_name, self.shard.take(hf_name, part)
+
+        load_into(self, self.config, tensors())
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         local = tokens - self.shard.vocab_start

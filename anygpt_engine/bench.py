@@ -103,6 +103,22 @@ def median_seconds(fn, repeats: int, warmup: int = 1, flush: bool = True) -> flo
     return statistics.median(samples)
 
 
+def median_wall_ms(fn, device: torch.device, repeats: int, warmup: int = 1):
+    """Median wall time of fn() in ms, host included (synchronized around each call), and fn's
+    last result: for pipelines timed as their users see them."""
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), result
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Measured device copy bandwidth in bytes/s, counting read + write."""
     n = (1 << 28) if device.type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of float32

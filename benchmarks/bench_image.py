@@ -22,37 +22,18 @@ embedding difference relative to the embedding's largest value, GPU name and git
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from anygpt_engine import codecs
-from anygpt_engine.bench import git_sha
+from anygpt_engine.bench import git_sha, median_wall_ms
 from anygpt_engine.models.seed import SeedConfig
 
 TINY = SeedConfig(image_size=56, patch_size=14, vit_width=48, vit_depth=2, vit_heads=4, vit_mlp_dim=100,
                   qformer_hidden=40, qformer_layers=3, qformer_heads=5, qformer_intermediate=72, num_query_tokens=32,
                   codebook_size=300, codebook_dim=12, decoder_depth=2, decoder_heads=4, decoder_mlp_dim=88,
                   image_down_dims=(20, 16, 6), image_embed_dim=32)
-
-
-def _median_ms(fn, device, repeats, warmup=1):
-    """Median wall time of fn() in ms (synchronized around each call); also fn's last result."""
-    result = None
-    for _ in range(warmup):
-        result = fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), result
 
 
 @torch.inference_mode()
@@ -98,13 +79,13 @@ def main():
     for batch in batches:
         g = torch.Generator().manual_seed(batch)
         pixels = torch.randn(batch, 3, config.image_size, config.image_size, generator=g).to(device)
-        ref_ms, ref_codes = _median_ms(lambda: reference_encode(net, codebook, pixels.to(dtype)), device, repeats)
-        eng_ms, codes = _median_ms(lambda: tokenizer.encode(pixels), device, repeats)
+        ref_ms, ref_codes = median_wall_ms(lambda: reference_encode(net, codebook, pixels.to(dtype)), device, repeats)
+        eng_ms, codes = median_wall_ms(lambda: tokenizer.encode(pixels), device, repeats)
         equal = (codes == ref_codes).float().mean().item()
         rows.append(dict(batch=batch, op="encode", reference_ms=ref_ms, engine_ms=eng_ms,
                          engine_ms_per_image=eng_ms / batch, speedup=ref_ms / eng_ms, codes_equal_fraction=equal))
-        ref_ms, ref_embeds = _median_ms(lambda: reference_embed(net, codebook, codes), device, repeats)
-        eng_ms, embeds = _median_ms(lambda: tokenizer.embed(codes), device, repeats)
+        ref_ms, ref_embeds = median_wall_ms(lambda: reference_embed(net, codebook, codes), device, repeats)
+        eng_ms, embeds = median_wall_ms(lambda: tokenizer.embed(codes), device, repeats)
         difference = ((embeds - ref_embeds.float()).abs().max() / ref_embeds.float().abs().max()).item()
         rows.append(dict(batch=batch, op="embed", reference_ms=ref_ms, engine_ms=eng_ms,
                          engine_ms_per_image=eng_ms / batch, speedup=ref_ms / eng_ms,

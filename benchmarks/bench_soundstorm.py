@@ -20,34 +20,15 @@ of speech at batch 1 in <= 30 ms on an H100 (goal 15 ms).
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 
 from anygpt_engine import SoundStorm, SoundStormConfig
-from anygpt_engine.bench import git_sha
+from anygpt_engine.bench import git_sha, median_wall_ms
 
 TINY = SoundStormConfig(dim=64, depth=2, heads=2, dim_head=32, conv_kernel_size=7, num_quantizers=7,
                         codebook_size=64)
 TARGET_MS, GOAL_MS = 30.0, 15.0
-
-
-def _median_ms(fn, device, repeats, warmup=1):
-    """Median wall time of fn() in ms (synchronized around each call); also fn's last result."""
-    result = None
-    for _ in range(warmup):
-        result = fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        result = fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), result
 
 
 def main():
@@ -91,11 +72,11 @@ def main():
             def run(**kw):
                 return model.generate(semantic, steps=args.steps, seeds=seeds, **kw)
 
-            ref_ms, ref_codes = _median_ms(lambda: run(fast=False, backend="torch"), device, ref_repeats)
-            fast_ms, fast_codes = _median_ms(lambda: run(fast=True, cuda_graphs=graphs), device, repeats)
+            ref_ms, ref_codes = median_wall_ms(lambda: run(fast=False, backend="torch"), device, ref_repeats)
+            fast_ms, fast_codes = median_wall_ms(lambda: run(fast=True, cuda_graphs=graphs), device, repeats)
             eager_ms = eager_same = None
             if graphs and not args.no_eager:
-                eager_ms, eager_codes = _median_ms(lambda: run(fast=True, cuda_graphs=False), device, repeats)
+                eager_ms, eager_codes = median_wall_ms(lambda: run(fast=True, cuda_graphs=False), device, repeats)
                 eager_same = bool(torch.equal(eager_codes, fast_codes))  # expected: same kernels, same shapes
             equal = (fast_codes == ref_codes).float().mean().item()
             row = dict(frames=frames, speech_s=frames / 50, batch=batch, steps=args.steps, reference_ms=ref_ms,

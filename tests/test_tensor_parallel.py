@@ -109,16 +109,21 @@ def _wait(proc, seconds):
         pytest.fail(f"rank did not exit within {seconds} s: {proc.communicate()[0].decode(errors='replace')[-2000:]}")
 
 
-def test_two_ranks_match_one_rank(checkpoints, tmp_path):
+def _traces(scenario, tmp_path, paths) -> list:
+    """Rank 0's trace of each checkpoint, from two ranks that both exit cleanly."""
     out = tmp_path / "trace.json"
-    procs = _ranks("compare", out, 60, list(checkpoints.values()))
+    procs = _ranks(scenario, out, 60, paths)
     try:
         codes = [_wait(p, 120) for p in procs]
         logs = [p.stdout.read().decode(errors="replace")[-3000:] for p in procs]
     finally:
         _kill(procs)
     assert codes == [0, 0], logs
-    results = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_two_ranks_match_one_rank(checkpoints, tmp_path):
+    results = _traces("compare", tmp_path, list(checkpoints.values()))
     for (kind, path), two in zip(checkpoints.items(), results):
         one = trace(Engine(path, device="cpu", dtype=torch.float32))
         assert two["generate"] == one["generate"], kind
@@ -139,15 +144,7 @@ def test_two_ranks_match_one_rank(checkpoints, tmp_path):
 def test_a_preset_draws_the_same_random_weights_at_any_size(tmp_path):
     """Without a checkpoint each rank takes its slices of the weights one rank draws from the
     seed, so the tiny preset generates the same tokens on two ranks as on one."""
-    out = tmp_path / "trace.json"
-    procs = _ranks("compare", out, 60, ["tiny"])
-    try:
-        codes = [_wait(p, 120) for p in procs]
-        logs = [p.stdout.read().decode(errors="replace")[-3000:] for p in procs]
-    finally:
-        _kill(procs)
-    assert codes == [0, 0], logs
-    (two,) = json.loads(out.read_text())
+    (two,) = _traces("compare", tmp_path, ["tiny"])
     one = trace(Engine("tiny", device="cpu", dtype=torch.float32))
     assert two["generate"] == one["generate"] and two["serve"] == one["serve"]
     ref, got = torch.tensor(one["logits"]), torch.tensor(two["logits"])
@@ -158,15 +155,7 @@ def test_two_ranks_replaying_decode_graphs_match_one_rank(checkpoints, tmp_path)
     """Decode steps from captured graphs (CUDA graphs stood in for on the CPU): both ranks capture
     in lockstep, rank 0 publishes each replay's inputs and both replay their own graph; tokens
     equal one eager rank's through aborts, a late arrival and beam forks."""
-    out = tmp_path / "trace.json"
-    procs = _ranks("graphs", out, 60, [checkpoints["gqa2"]])
-    try:
-        codes = [_wait(p, 120) for p in procs]
-        logs = [p.stdout.read().decode(errors="replace")[-3000:] for p in procs]
-    finally:
-        _kill(procs)
-    assert codes == [0, 0], logs
-    (two,) = json.loads(out.read_text())
+    (two,) = _traces("graphs", tmp_path, [checkpoints["gqa2"]])
     one = trace(Engine(checkpoints["gqa2"], device="cpu", dtype=torch.float32))
     assert two["generate"] == one["generate"] and two["serve"] == one["serve"]
     assert [4, 8] in two["graphs_used"] and [1, 8] in two["graphs_used"]  # every decode step was a replay

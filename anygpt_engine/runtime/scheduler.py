@@ -47,7 +47,7 @@ class TokenView(Sequence):
         return self.head[index] if index < n else self.tail[index - n]
 
 
-@dataclass
+@dataclass(eq=False)  # one object per request: identity, not a field-by-field comparison of token lists
 class Request:
     request_id: object
     prompt: list[int]

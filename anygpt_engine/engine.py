@@ -37,7 +37,8 @@ from anygpt_engine.runtime.graphs import DecodeGraphs, DecodeInputs, buckets
 from anygpt_engine.runtime.kv_cache import BlockManager, PagedKVCache
 from anygpt_engine.runtime.scheduler import PrefillChunk, Request, Scheduler
 from anygpt_engine.runtime import warmup
-from anygpt_engine.sampling import ModalityConstraint, SamplerWork, SamplingParams, SamplingState, sample
+from anygpt_engine.sampling import (MAX_LOGPROBS, ModalityConstraint, SamplerWork, SamplingParams, SamplingState,
+                                    sample)
 from anygpt_engine.tokenizer import Tokenizer
 from anygpt_engine.vocab import Vocabulary, token_ids
 from anygpt_engine.weights import load_into
@@ -553,24 +554,43 @@ class Engine:
         return rows
 
     def _logprobs(self, logits: torch.Tensor | None, asked: list[tuple[int, Request, int]]) -> dict:
-        """TokenLogprobs of (logits row, request, sampled token) triples: a log-softmax over the
-        tokens legal in the request's modality state before the token (SamplingParams.logprobs)."""
+        """TokenLogprobs (by request id) of (logits row, request, sampled token) triples."""
         if not asked:
             return {}
         rows = torch.tensor([row for row, _, _ in asked], device=self.device)
-        states = torch.tensor([request.modality for _, request, _ in asked], device=self.device)
-        tokens = torch.tensor([token for _, _, token in asked], device=self.device)
+        entries = self._token_logprobs(logits[rows], [request.modality for _, request, _ in asked],
+                                       [token for _, _, token in asked],
+                                       [request.params.logprobs for _, request, _ in asked])
+        return {request.request_id: entry for (_, request, _), entry in zip(asked, entries)}
+
+    def _token_logprobs(self, logits: torch.Tensor, states: list[int], tokens: list[int],
+                        tops: list[int]) -> list[TokenLogprobs]:
+        """Row i: a log-softmax of logits[i] over the tokens legal in modality state states[i],
+        read at tokens[i] and at its tops[i] likeliest tokens (SamplingParams.logprobs)."""
         with nvtx_range("anygpt/logprobs"):
-            x = logits[rows].float().masked_fill(~self.constraint.allowed[states], -math.inf).log_softmax(-1)
-            chosen = x.gather(1, tokens.unsqueeze(1))[:, 0].tolist()
-            k = max(request.params.logprobs for _, request, _ in asked)
-            top_values, top_ids = (t.tolist() for t in x.topk(k, dim=-1)) if k else ([[]] * len(asked),) * 2
-        out = {}
-        for (_, request, token), logprob, values, ids in zip(asked, chosen, top_values, top_ids):
-            n = request.params.logprobs
-            top = [(i, v) for i, v in zip(ids[:n], values[:n]) if v > -math.inf]  # never an illegal token
-            out[request.request_id] = TokenLogprobs(token, logprob, top)
-        return out
+            legal = self.constraint.allowed[torch.tensor(states, device=self.device)]
+            x = logits.float().masked_fill(~legal, -math.inf).log_softmax(-1)
+            chosen = x.gather(1, torch.tensor(tokens, device=self.device).unsqueeze(1))[:, 0].tolist()
+            k = max(tops)
+            top_values, top_ids = (t.tolist() for t in x.topk(k, dim=-1)) if k else ([[]] * len(tokens),) * 2
+        return [TokenLogprobs(token, logprob, [(i, v) for i, v in zip(ids[:n], values[:n]) if v > -math.inf])
+                for token, logprob, values, ids, n in zip(tokens, chosen, top_values, top_ids, tops)]
+
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt_ids, top: int = 0) -> list[TokenLogprobs | None]:
+        """Each prompt token's TokenLogprobs given the tokens before it (None for the first), with
+        `top` alternatives: the same distribution as SamplingParams.logprobs (for scoring, e.g.
+        OpenAI's echo). Uses a private cache, like logits()."""
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS:
+            raise ValueError(f"top={top!r}, expected an int in 0..{MAX_LOGPROBS}")
+        prompt = self._prompt("prompt_ids", prompt_ids)
+        if len(prompt) == 1:
+            return [None]
+        states, state = [], 0
+        for token in prompt[:-1]:
+            state = self.constraint.state_after([token], state)
+            states.append(state)
+        return [None] + self._token_logprobs(self.logits(prompt)[:-1], states, prompt[1:], [top] * (len(prompt) - 1))
 
     def _append(self, request: Request, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         request.output.append(token)

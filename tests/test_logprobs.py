@@ -95,3 +95,25 @@ def test_logprobs_argument_is_checked(bad):
         SamplingParams(logprobs=bad)
     with pytest.raises(ValueError, match="logprobs=2 with num_beams=3"):
         SamplingParams(logprobs=2, num_beams=3)
+
+
+def test_prompt_logprobs_score_what_generation_sampled(engine):
+    """prompt_logprobs over prompt + output gives the output tokens the log-probabilities their
+    sampling reported (one forward over the whole sequence against step-by-step decoding); the
+    first token has none; inside a speech span the constraint applies as in sampling."""
+    prompt = [1, 88, 600, 410]
+    rid = engine.add_request(prompt, SamplingParams(temperature=1.0, seed=4, max_new_tokens=6, logprobs=4,
+                                                   stop_token_ids=()))
+    sampled = []
+    while engine.has_unfinished():
+        sampled += [lp for out in engine.step() if out.request_id == rid for lp in out.logprobs]
+    scored = engine.prompt_logprobs(prompt + [lp.token_id for lp in sampled], top=4)
+    assert scored[0] is None and len(scored) == len(prompt) + len(sampled)
+    for got, want in zip(scored[len(prompt):], sampled):
+        assert got.token_id == want.token_id and got.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [t for t, _ in got.top] == [t for t, _ in want.top]
+    assert scored[3].logprob > -math.inf and all(t in SPEECH.values or t == SPEECH.end_token
+                                                 for t, _ in scored[3].top)  # 410 inside the span
+    assert engine.prompt_logprobs([5]) == [None]
+    with pytest.raises(ValueError, match="top=21, expected an int in 0..20"):
+        engine.prompt_logprobs(prompt, top=21)

@@ -151,6 +151,14 @@ def test_completion_logprobs_equal_the_engines(client, engine):
     assert [t for c in chunks for t in c["logprobs"]["token_logprobs"]] == lp["token_logprobs"]
     plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=2).model_dump()["choices"][0]
     assert plain["logprobs"] is None
+    # echo (how lm-eval scores a continuation): the prompt's tokens first, each given the ones before it
+    echoed = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, seed=7, top_p=0.9, logprobs=3,
+                                       echo=True).model_dump()["choices"][0]["logprobs"]
+    scored = engine.prompt_logprobs(prompt, top=3)
+    assert echoed["tokens"] == [f"token_id:{t}" for t in prompt + ids]
+    assert echoed["token_logprobs"][0] is None and echoed["top_logprobs"][0] is None
+    assert echoed["token_logprobs"][1:len(prompt)] == pytest.approx([e.logprob for e in scored[1:]], abs=1e-5)
+    assert echoed["token_logprobs"][len(prompt):] == lp["token_logprobs"]
 
 
 def test_n_choices_are_requests_with_consecutive_seeds(client, server, engine):
@@ -439,6 +447,21 @@ def test_chat_n_choices(chat_client):
         chat_client.chat.completions.create(model="tiny-chat", messages=messages, n=2, modalities=["text", "audio"],
                                             audio={"voice": "alloy", "format": "wav"})
     assert info.value.param == "n"
+
+
+def test_echo_gives_the_prompt_text_and_exact_offsets(chat_client, chat_engine):
+    prompt = "Hello there, what is a cat?"
+    out = chat_client.completions.create(model="tiny-chat", prompt=prompt, max_tokens=4, seed=2, logprobs=1,
+                                         echo=True).model_dump()["choices"][0]
+    ids = chat_engine.tokenizer.encode(prompt)
+    lp = out["logprobs"]
+    assert out["text"].startswith(chat_engine.tokenizer.decode(ids)) and len(lp["tokens"]) == len(ids) + 4
+    offsets = lp["text_offset"] + [len(out["text"])]
+    pieces = [out["text"][a:b] for a, b in zip(offsets, offsets[1:])]
+    decode = chat_engine.tokenizer.decode
+    assert pieces[:len(ids)] == [decode(ids[:i + 1])[len(decode(ids[:i])):] for i in range(len(ids))]
+    assert "".join(pieces) == out["text"] and offsets[0] == 0
+    assert lp["token_logprobs"][0] is None and all(v <= 0 for v in lp["token_logprobs"][1:])
 
 
 def test_text_completion_with_stop_strings(chat_client):

@@ -7,7 +7,7 @@
 
 One thread owns the Engine: it is the only thread that calls into it (and on CUDA it runs every
 step on a stream of its own). Async callers never touch the Engine; they put commands (add,
-abort, stats, stop) on a thread-safe queue, and the thread hands each step's outputs back to the
+abort, stats, call, stop) on a thread-safe queue, and the thread hands each step's outputs back to the
 callers' event loops, one wake-up per loop per step. With nothing to run the thread blocks on
 the queue, so an idle engine costs no CPU.
 
@@ -287,6 +287,15 @@ class AsyncEngine:
             self._commands.put(("stats", future))
         return await future
 
+    async def call(self, fn):
+        """fn(engine) on the engine thread between steps (the Engine is not thread-safe), e.g.
+        `await engine.call(lambda e: e.prompt_logprobs(ids))`: its result, or what it raised."""
+        future = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._raise_if_closed()
+            self._commands.put(("call", future, fn))
+        return await future
+
     def _raise_if_closed(self, allow_draining: bool = False) -> None:
         if self._error is not None:
             raise EngineClosed(f"the engine stopped after an error: {self._error!r}")
@@ -371,6 +380,12 @@ class AsyncEngine:
                     engine.abort(command[1])
                 elif kind == "stats":
                     self._reply(command[1], self._stats())
+                elif kind == "call":
+                    try:
+                        result = command[2](engine)
+                    except Exception as err:  # noqa: BLE001 - the caller's error, raised in its await
+                        result = err
+                    self._reply(command[1], result)
                 elif kind == "stop":
                     stopping = True
                     if not command[1]:
@@ -445,7 +460,7 @@ class AsyncEngine:
                 break
             if command[0] == "add":
                 self._reply(command[1]._accepted, EngineClosed("the engine is shut down"), command[1]._loop)
-            elif command[0] == "stats":
+            elif command[0] in ("stats", "call"):
                 self._reply(command[1], EngineClosed("the engine is shut down"))
 
 

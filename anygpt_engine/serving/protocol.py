@@ -96,8 +96,6 @@ def check_unsupported(fields: Fields) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if fields.number(name, 0.0) != 0.0:
             raise bad(name, f"{name} is not supported (use repetition_penalty)")
-    if fields.get("echo") not in (None, False):
-        raise bad("echo", "echo is not supported")
     if fields.get("logit_bias"):
         raise bad("logit_bias", "logit_bias is not supported")
     for name in ("tools", "functions", "suffix"):
@@ -206,11 +204,12 @@ def chat_logprobs(fields: Fields) -> int | None:
     return top or 0
 
 
-def completion_logprobs_body(entries, text_offsets, token_text) -> dict:
-    """The legacy completions logprobs object of TokenLogprobs entries."""
-    return {"tokens": [token_text(e.token_id) for e in entries],
-            "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{token_text(t): lp for t, lp in e.top} for e in entries],
+def completion_logprobs_body(token_ids, entries, text_offsets, token_text) -> dict:
+    """The legacy completions logprobs object of tokens and their TokenLogprobs entries (None:
+    an echoed prompt's first token, which has no log-probability)."""
+    return {"tokens": [token_text(t) for t in token_ids],
+            "token_logprobs": [e.logprob if e is not None else None for e in entries],
+            "top_logprobs": [{token_text(t): lp for t, lp in e.top} if e is not None else None for e in entries],
             "text_offset": list(text_offsets)}
 
 

@@ -26,6 +26,7 @@ import binascii
 import contextlib
 import dataclasses
 import hmac
+import itertools
 import json
 import signal
 import threading
@@ -41,7 +42,8 @@ from anygpt_engine.chat import ChatTemplate, chat_params
 from anygpt_engine.chat.template import parse_reply
 from anygpt_engine.sampling import SamplingParams
 from anygpt_engine.serving import protocol
-from anygpt_engine.serving.async_engine import AsyncEngine, EngineClosed, EngineOverloaded, RequestStream
+from anygpt_engine.serving.async_engine import (AsyncEngine, EngineClosed, EngineOverloaded, IncrementalDetokenizer,
+                                                RequestStream)
 from anygpt_engine.serving.image import ImageIO, data_url_bytes
 from anygpt_engine.serving.metrics import ServerMetrics
 from anygpt_engine.serving.protocol import APIError, Fields, StopStrings, bad
@@ -382,13 +384,18 @@ class OpenAIServer:
                                           defaults=SamplingParams(), max_tokens_default=COMPLETIONS_MAX_TOKENS,
                                           has_tokenizer=self.tokenizer is not None,
                                           logprobs=protocol.completion_logprobs(fields))
+        echo = await self._echo(prompt, params.logprobs) if fields.boolean("echo", False) else None
         streams = await self._start_choices(prompt, params, protocol.choices(fields))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def choice(i, text, ids, finish, first=False, logprobs=None, offsets=()):
+            scored = ids
+            if first and echo is not None:  # the prompt comes first: its text, and its tokens' logprobs
+                text, scored, logprobs = echo.text + text, prompt + ids, echo.logprobs + (logprobs or [])
+                offsets = echo.text_offsets + [len(echo.text) + o for o in offsets]
             c = {"index": i, "text": text, "logprobs": None, "finish_reason": finish, "stop_reason": None}
             if params.logprobs is not None:
-                c["logprobs"] = protocol.completion_logprobs_body(logprobs or [], offsets, self._token_text)
+                c["logprobs"] = protocol.completion_logprobs_body(scored, logprobs or [], offsets, self._token_text)
             if options.return_token_ids:
                 c["token_ids"] = ids
                 if first:
@@ -477,6 +484,23 @@ class OpenAIServer:
             raise bad(where, str(err)) from None
         ids = await asyncio.to_thread(self.speech.prompt_ids, wav, rate)
         return "".join(self.tokenizer.id_to_token(t) for t in ids)
+
+    async def _echo(self, prompt: list[int], logprobs: int | None) -> _Result:
+        """The prompt as `echo` returns it: its text (decoded token by token, so each token's
+        offset in it is exact) and, with logprobs, each token's given the ones before it (the first
+        has none: null)."""
+        texts = []
+        if self.tokenizer is not None:
+            detokenizer = IncrementalDetokenizer(self.tokenizer)
+            texts = [detokenizer.add([t], final=i == len(prompt) - 1) for i, t in enumerate(prompt)]
+        offsets = list(itertools.accumulate(map(len, texts[:-1]), initial=0)) if texts else [0] * len(prompt)
+        entries = []
+        if logprobs is not None:
+            try:
+                entries = await self.engine.call(lambda engine: engine.prompt_logprobs(prompt, logprobs))
+            except EngineClosed as err:
+                raise APIError(503, str(err), type="server_error", code="unavailable") from None
+        return _Result(prompt, "".join(texts), None, entries, offsets)
 
     def _token_text(self, token_id: int) -> str:
         """A token as text in logprobs: its own decoding, or token_id:N without a tokenizer."""

@@ -157,7 +157,8 @@ def _serve_engine(args, engine) -> None:
 
     try:
         speech = SpeechIO.from_files(tuple(args.speech_tokenizer) if args.speech_tokenizer else None, args.soundstorm,
-                                     args.voice_prompt, device=engine.engine.device, vocab=engine.vocab)
+                                     args.voice_prompt, device=engine.engine.device, vocab=engine.vocab,
+                                     voices_dir=args.voices)
         images = ImageIO.from_files(args.image_tokenizer, args.image_vit, args.image_diffusion,
                                     device=engine.engine.device, vocab=engine.vocab)
         server = OpenAIServer(engine, model_name=args.served_model_name or args.model, api_key=args.api_key,
@@ -282,6 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="SpeechTokenizer config.json and checkpoint (audio input)")
     s.add_argument("--soundstorm", default=None, metavar="PT", help="SoundStorm checkpoint (audio output)")
     s.add_argument("--voice-prompt", default=None, metavar="WAV", help="voice for audio output")
+    s.add_argument("--voices", default=None, metavar="DIR",
+                   help="named voices: each NAME.wav in DIR is a voice requests pick with voice: NAME")
     _add_image_arguments(s, "image_url input, image output")
     s.add_argument("--seed", type=int, default=0, help="seeds the random weights of presets and unseeded requests")
     s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")

@@ -23,13 +23,19 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_speech(vocab=None):
     """A SpeechIO over a small random SoundStorm and SpeechTokenizer (1024 codes, the speech
-    vocabulary's size), the same every time."""
+    vocabulary's size) with voices "low" and "high", the same every time."""
+    import torch
+
     from anygpt_engine.pipelines import SpeechPipeline
     from anygpt_engine.serving.speech import SpeechIO
     from audio_models import small_speech_models
 
     storm, tokenizer = small_speech_models(seed=3)
-    return SpeechIO(tokenizer, SpeechPipeline(storm, tokenizer, vocab=vocab), vocab=vocab)
+    pipeline = SpeechPipeline(storm, tokenizer, vocab=vocab)
+    t = torch.arange(16000) / 16000  # two named voices: 1 s of a low and of a high hum
+    voices = {name: pipeline.voice_prompt((0.3 * torch.sin(2 * torch.pi * hz * t)).unsqueeze(0), 16000)
+              for name, hz in (("low", 110), ("high", 440))}
+    return SpeechIO(tokenizer, pipeline, vocab=vocab, voices=voices)
 
 
 def free_port() -> int:

@@ -445,7 +445,7 @@ def test_chat_n_choices(chat_client):
     assert [text[0], text[1]] == [c["message"]["content"] for c in one]
     with pytest.raises(openai.BadRequestError) as info:
         chat_client.chat.completions.create(model="tiny-chat", messages=messages, n=2, modalities=["text", "audio"],
-                                            audio={"voice": "alloy", "format": "wav"})
+                                            audio={"voice": "low", "format": "wav"})
     assert info.value.param == "n"
 
 
@@ -490,14 +490,14 @@ def test_chat_with_audio_in_and_out(chat_client, chat_engine, speech):
                {"type": "text", "text": "Please answer aloud."}]
     full = chat_client.chat.completions.create(
         model="tiny-chat", messages=[{"role": "user", "content": content}], modalities=["text", "audio"],
-        audio={"voice": "alloy", "format": "wav"}, max_tokens=16, seed=3,
+        audio={"voice": "low", "format": "wav"}, max_tokens=16, seed=3,
         extra_body={"return_token_ids": True}).model_dump()
     prompt, ids = full["prompt_token_ids"], full["choices"][0]["token_ids"]
     start = prompt.index(spoken[0])
     assert prompt[start:start + len(spoken)] == spoken  # the wav's level-1 codes, as <sosp> ... <eosp>
     assert prompt[-1] == chat_engine.vocab.start_token("speech")  # the reply is forced to speak
     audio = base64.b64decode(full["choices"][0]["message"]["audio"]["data"])
-    assert audio == speech.synthesize(ids)
+    assert audio == speech.synthesize(ids, voice="low")
     speech_frames = sum(t in chat_engine.vocab.range("speech") for t in ids)
     assert speech_frames > 0 and read_wav_bytes("reply", audio)[0].shape == (1, 320 * speech_frames)
     for bad_part, param in (({"type": "input_audio", "input_audio": {"data": "%%%", "format": "wav"}}, ""),
@@ -516,14 +516,14 @@ def test_chat_streams_pcm16_audio_while_it_speaks(chat_client, chat_engine, spee
     pipeline's stream over the reply's tokens, and the last audio chunk carries the transcript.
     Not streamed, pcm16 is the whole utterance's samples."""
     kwargs = dict(model="tiny-chat", messages=[{"role": "user", "content": "Say something long."}],
-                  modalities=["text", "audio"], audio={"voice": "alloy", "format": "pcm16"}, max_tokens=60, seed=5,
+                  modalities=["text", "audio"], audio={"voice": "high", "format": "pcm16"}, max_tokens=60, seed=5,
                   extra_body={"return_token_ids": True, "ignore_eos": True})
     full = chat_client.chat.completions.create(**kwargs).model_dump()["choices"][0]
     ids = full["token_ids"]
     frames = sum(t in chat_engine.vocab.range("speech") for t in ids)
     assert frames > 25  # more than the first streamed chunk
     whole = base64.b64decode(full["message"]["audio"]["data"])
-    assert whole == speech.synthesize(ids, "pcm16") and len(whole) == 2 * 320 * frames
+    assert whole == speech.synthesize(ids, "pcm16", voice="high") and len(whole) == 2 * 320 * frames
     events = []  # ("audio", bytes) / ("text", token count so far) in arrival order
     seen = 0
     for chunk in chat_client.chat.completions.create(stream=True, **kwargs):
@@ -538,10 +538,10 @@ def test_chat_streams_pcm16_audio_while_it_speaks(chat_client, chat_engine, spee
     streamed = b"".join(data for kind, data in events if kind == "audio")
     from anygpt_engine.serving.speech import pcm16_bytes
 
-    assert streamed == b"".join(pcm16_bytes(w) for w in speech.pipeline.stream(ids, voice=speech.voice))
+    assert streamed == b"".join(pcm16_bytes(w) for w in speech.pipeline.stream(ids, voice=speech.voices["high"]))
     assert sum(kind == "audio" for kind, _ in events) >= 2
     with pytest.raises(openai.BadRequestError) as info:
-        chat_client.chat.completions.create(**{**kwargs, "audio": {"voice": "alloy", "format": "mp3"}})
+        chat_client.chat.completions.create(**{**kwargs, "audio": {"voice": "high", "format": "mp3"}})
     assert info.value.param == "audio"
 
 
@@ -572,15 +572,25 @@ def test_speech_stream_gives_audio_before_the_reply_ends(chat_engine, speech):
 
 def test_audio_speech_and_transcriptions(chat_client, chat_server, chat_engine, speech):
     tokenizer, template, vocab = chat_engine.tokenizer, ChatTemplate.anygpt(), chat_engine.vocab
-    wav = chat_client.audio.speech.create(model="tiny-chat", input="Hello world", voice="alloy",
+    wav = chat_client.audio.speech.create(model="tiny-chat", input="Hello world", voice="low",
                                           response_format="wav", extra_body={"seed": 5, "max_tokens": 30}).content
     prompt = tokenizer.encode(template.render([{"role": "user", "content": TEXT_TO_SPEECH.format(text="Hello world")}],
                                               force_modality="speech"))
     params = dataclasses.replace(chat_params("speech"), max_new_tokens=30, seed=5,
                                  stop_token_ids=(*stops(chat_engine), vocab.end_token("speech")))
-    assert wav == speech.synthesize(chat_engine.generate([prompt], params)[0])
+    ids = chat_engine.generate([prompt], params)[0]
+    assert wav == speech.synthesize(ids, voice="low") != speech.synthesize(ids, voice="high")
+    assert wav == chat_client.audio.speech.create(model="tiny-chat", input="Hello world", voice="low",
+                                                  extra_body={"seed": 5, "max_tokens": 30}).content
     with pytest.raises(openai.BadRequestError, match="response_format"):
-        chat_client.audio.speech.create(model="tiny-chat", input="Hello", voice="alloy", response_format="mp3")
+        chat_client.audio.speech.create(model="tiny-chat", input="Hello", voice="low", response_format="mp3")
+    with pytest.raises(openai.BadRequestError) as info:  # named voices: no silent fallback for an unknown one
+        chat_client.audio.speech.create(model="tiny-chat", input="Hello", voice="alloy")
+    assert info.value.param == "voice" and info.value.code == "voice_not_found" and "'high', 'low'" in str(info.value)
+    with pytest.raises(openai.BadRequestError) as info:
+        chat_client.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": "Hi"}],
+                                            modalities=["text", "audio"], audio={"voice": "nova", "format": "wav"})
+    assert info.value.param == "audio.voice"
 
     data = voice_wav(0.3)
     text = chat_client.audio.transcriptions.create(model="tiny-chat", file=("q.wav", data),

@@ -514,8 +514,18 @@ class OpenAIServer:
         vocab = self.engine.vocab
         return {*vocab.range(modality), vocab.start_token(modality), vocab.end_token(modality)}
 
-    async def _synthesize(self, token_ids: list[int], audio_format: str = "wav") -> bytes:
-        return await asyncio.to_thread(self.speech.synthesize, token_ids, audio_format)
+    async def _synthesize(self, token_ids: list[int], audio_format: str = "wav", voice: str | None = None) -> bytes:
+        return await asyncio.to_thread(self.speech.synthesize, token_ids, audio_format, voice)
+
+    def _voice(self, param: str, name) -> str | None:
+        """A request's voice name, checked against the server's voices (--voices) up front."""
+        if name is not None and not isinstance(name, str):
+            raise bad(param, f"{param} must be a voice name (a string)")
+        try:
+            self.speech.voice_prompt(name)
+        except ValueError as err:
+            raise bad(param, str(err), "voice_not_found") from None
+        return name
 
     async def chat_completions(self, request: Request):
         body = await self._json(request)
@@ -528,11 +538,12 @@ class OpenAIServer:
             raise bad("modalities", f"modalities={modalities!r}, expected ['text'], ['text', 'audio'] or "
                                     "['text', 'image']")
         audio_out, image_out = "audio" in modalities, "image" in modalities
-        audio_format = "wav"
+        audio_format, voice = "wav", None
         if audio_out:
             self._need_speech("audio output", output=True)
             audio = fields.get("audio", {})
             audio_format = audio.get("format", "wav") if isinstance(audio, dict) else None
+            voice = self._voice("audio.voice", audio.get("voice")) if isinstance(audio, dict) else None
             if audio_format not in ("wav", "pcm16"):
                 raise bad("audio", "audio output supports {'format': 'wav'} and {'format': 'pcm16'} (16 kHz mono; "
                                    "streamed as it is spoken)")
@@ -587,7 +598,7 @@ class OpenAIServer:
         audio_id = f"audio-{uuid.uuid4().hex}"
 
         async def audio_reply(token_ids, transcript):
-            data = await self._synthesize(token_ids, audio_format)
+            data = await self._synthesize(token_ids, audio_format, voice)
             return {"id": audio_id, "data": base64.b64encode(data).decode(),
                     "expires_at": int(time.time()) + 3600, "transcript": transcript}
 
@@ -623,7 +634,7 @@ class OpenAIServer:
             yield head
             ids, texts = [[] for _ in range(n)], [[] for _ in range(n)]
             # pcm16 audio goes out while the reply is spoken; a wav comes whole at the end
-            spoken = self.speech.stream(asyncio.get_running_loop()) if audio_format == "pcm16" else None
+            spoken = self.speech.stream(asyncio.get_running_loop(), voice) if audio_format == "pcm16" else None
             try:
                 async for i, (delta, text, finish, logprobs) in self._choice_events(streams, stops):
                     ids[i] += delta
@@ -667,7 +678,7 @@ class OpenAIServer:
         text = fields.string("input")
         if not text or not text.strip():
             raise bad("input", "input must be a non-empty string (the text to speak)")
-        fields.string("voice")  # accepted for compatibility; the voice is the server's --voice-prompt
+        voice = self._voice("voice", fields.get("voice"))
         if fields.string("response_format", "wav") != "wav":
             raise bad("response_format", f"response_format={body.get('response_format')!r}: only 'wav' is supported")
         if fields.number("speed", 1.0) != 1.0:
@@ -679,7 +690,7 @@ class OpenAIServer:
                                       defaults=chat_params("speech"), max_tokens_default=chat_params("speech")
                                       .max_new_tokens, has_tokenizer=True, stop_ids=self._chat_stop_ids((eosp,)))
         result = await self._reply_tokens(request, prompt, params)
-        return Response(await asyncio.to_thread(speech.synthesize, result.token_ids), media_type="audio/wav")
+        return Response(await self._synthesize(result.token_ids, "wav", voice), media_type="audio/wav")
 
     async def audio_transcriptions(self, request: Request):
         self._authorize(request)

@@ -13,6 +13,7 @@ import asyncio
 import io
 import queue
 import threading
+from pathlib import Path
 
 import torch
 
@@ -55,27 +56,41 @@ def read_wav_bytes(name: str, data: bytes) -> tuple[torch.Tensor, int]:
 
 class SpeechIO:
     """The server's speech codecs: `tokenizer` (SpeechTokenizer) turns input speech into prompt
-    tokens; `pipeline` (SpeechPipeline, needs SoundStorm) turns reply tokens into audio. Either
-    may be missing; the endpoints that need it then answer 400. Codec work runs one call at a
-    time (a lock), off the event loop."""
+    tokens; `pipeline` (SpeechPipeline, needs SoundStorm) turns reply tokens into audio, in the
+    default `voice` (a SoundStorm voice prompt, or none) or one of the named `voices` a request
+    picks. Either codec may be missing; the endpoints that need it then answer 400. Codec work
+    runs one call at a time (a lock), off the event loop."""
 
-    def __init__(self, tokenizer=None, pipeline=None, voice: torch.Tensor | None = None, vocab=None):
+    def __init__(self, tokenizer=None, pipeline=None, voice: torch.Tensor | None = None, vocab=None,
+                 voices: dict[str, torch.Tensor] | None = None):
         if pipeline is not None and tokenizer is None:
             tokenizer = pipeline.tokenizer
         self.tokenizer = tokenizer
         self.pipeline = pipeline
         self.voice = voice
+        self.voices = dict(voices or {})
         self.vocab = vocab
         self._lock = threading.Lock()
 
+    def voice_prompt(self, name: str | None) -> torch.Tensor | None:
+        """The voice prompt a request's voice name picks. Without named voices every name (OpenAI's
+        "alloy", ...) gets the default voice; with them, an unknown name is a ValueError."""
+        if name is None or not self.voices:
+            return self.voice
+        if name not in self.voices:
+            raise ValueError(f"voice={name!r} is not one of this server's voices: {sorted(self.voices)}")
+        return self.voices[name]
+
     @classmethod
     def from_files(cls, speech_tokenizer: tuple[str, str] | None, soundstorm: str | None,
-                   voice_prompt: str | None = None, device=None, vocab=None) -> "SpeechIO | None":
+                   voice_prompt: str | None = None, device=None, vocab=None,
+                   voices_dir: str | None = None) -> "SpeechIO | None":
         """From `anygpt-engine serve`'s flags (the chat command's: --speech-tokenizer CONFIG CKPT,
-        --soundstorm PT, --voice-prompt WAV). None when no speech tokenizer is given."""
+        --soundstorm PT, --voice-prompt WAV; and --voices DIR: each NAME.wav in it a voice a
+        request can pick by NAME). None when no speech tokenizer is given."""
         if speech_tokenizer is None:
-            if soundstorm is not None or voice_prompt is not None:
-                raise ValueError("--soundstorm and --voice-prompt need --speech-tokenizer CONFIG CKPT")
+            if soundstorm is not None or voice_prompt is not None or voices_dir is not None:
+                raise ValueError("--soundstorm, --voice-prompt and --voices need --speech-tokenizer CONFIG CKPT")
             return None
         from anygpt_engine.codecs import SpeechTokenizer
         from anygpt_engine.codecs.audio import read_wav
@@ -91,7 +106,15 @@ class SpeechIO:
             if pipeline is None:
                 raise ValueError("--voice-prompt needs --soundstorm PT (it conditions speech output)")
             voice = pipeline.voice_prompt(*read_wav(voice_prompt), max_seconds=3)
-        return cls(tokenizer, pipeline, voice, vocab)
+        voices = {}
+        if voices_dir is not None:
+            if pipeline is None:
+                raise ValueError("--voices needs --soundstorm PT (voices condition speech output)")
+            files = sorted(Path(voices_dir).glob("*.wav")) if Path(voices_dir).is_dir() else []
+            if not files:
+                raise FileNotFoundError(f"--voices {voices_dir}: expected a directory of NAME.wav files")
+            voices = {f.stem: pipeline.voice_prompt(*read_wav(str(f)), max_seconds=3) for f in files}
+        return cls(tokenizer, pipeline, voice, vocab, voices)
 
     def prompt_ids(self, wav: torch.Tensor, sample_rate: int) -> list[int]:
         """`<sosp>` + level-1 ids + `<eosp>` of one utterance ([channels, samples], mixed to mono)."""
@@ -99,20 +122,22 @@ class SpeechIO:
             codes = self.tokenizer.encode(wav.mean(dim=0, keepdim=True), sample_rate, levels=1)[0]
             return speech_tokens(codes, self.vocab, markers=True).tolist()
 
-    def synthesize(self, reply_ids: list[int], audio_format: str = "wav") -> bytes:
+    def synthesize(self, reply_ids: list[int], audio_format: str = "wav", voice: str | None = None) -> bytes:
         """wav bytes (or raw pcm16 with audio_format="pcm16") of a reply's speech tokens (other
-        tokens are ignored); a reply without any gives no samples."""
+        tokens are ignored) in the voice named `voice` (voice_prompt); a reply without any gives
+        no samples."""
         vocab = self.pipeline.vocab
         speech = [t for t in reply_ids if t in vocab.range("speech")]
+        prompt = self.voice_prompt(voice)
         wav = torch.zeros(0)
         if speech:
             with self._lock:
-                wav = self.pipeline.synthesize(speech, voice=self.voice)
+                wav = self.pipeline.synthesize(speech, voice=prompt)
         return pcm16_bytes(wav) if audio_format == "pcm16" else wav_bytes(wav, self.pipeline.sample_rate)
 
-    def stream(self, loop: asyncio.AbstractEventLoop) -> "SpeechStream":
-        """Audio of one reply while its tokens arrive (SpeechStream)."""
-        return SpeechStream(self, loop)
+    def stream(self, loop: asyncio.AbstractEventLoop, voice: str | None = None) -> "SpeechStream":
+        """Audio of one reply while its tokens arrive (SpeechStream), in the voice named `voice`."""
+        return SpeechStream(self, loop, self.voice_prompt(voice))
 
 
 class SpeechStream:
@@ -122,8 +147,8 @@ class SpeechStream:
     SpeechIO's lock only while it computes, never while it waits for tokens, so other replies'
     codec work interleaves with it."""
 
-    def __init__(self, speech: SpeechIO, loop: asyncio.AbstractEventLoop):
-        self._speech, self._loop = speech, loop
+    def __init__(self, speech: SpeechIO, loop: asyncio.AbstractEventLoop, voice: torch.Tensor | None = None):
+        self._speech, self._loop, self._voice = speech, loop, voice
         self._tokens: queue.Queue = queue.Queue()
         self._audio: asyncio.Queue = asyncio.Queue()
         self._ended = False
@@ -180,7 +205,7 @@ class SpeechStream:
 
         try:
             with lock:
-                for wav in self._speech.pipeline.stream(tokens(), voice=self._speech.voice):
+                for wav in self._speech.pipeline.stream(tokens(), voice=self._voice):
                     if len(wav):
                         put(pcm16_bytes(wav))
         except Exception as err:  # noqa: BLE001 - handed to the listener

@@ -287,15 +287,17 @@ class Engine:
     def logits(self, prompt_ids) -> torch.Tensor:
         """float32 logits [len, vocab] of every prompt position (position i predicts token i+1).
         Uses a private cache, so it never disturbs running requests."""
-        prompt = self._prompt("prompt_ids", prompt_ids)
+        return self.model.logits(self._prompt_states(self._prompt("prompt_ids", prompt_ids)))
+
+    def _prompt_states(self, prompt: list[int]) -> torch.Tensor:
+        """The final hidden states [len, hidden] of a checked prompt, through a private cache."""
         n = len(prompt)
         num_blocks = -(-n // self.block_size)
         kv = PagedKVCache(self.model.config, num_blocks + 1, self.block_size, self.device, self.dtype)
         table = torch.arange(1, num_blocks + 1, device=self.device).unsqueeze(0)
         positions = torch.arange(n, device=self.device).unsqueeze(0)
         slot_mapping = table[0, positions // self.block_size] * self.block_size + positions % self.block_size
-        h = self.model(torch.tensor([prompt], device=self.device), positions, kv.layers, slot_mapping, table)
-        return self.model.logits(h[0])
+        return self.model(torch.tensor([prompt], device=self.device), positions, kv.layers, slot_mapping, table)[0]
 
     # -- serving API ---------------------------------------------------------------------------
     def add_request(self, prompt_ids, params: SamplingParams | None = None, request_id=None):
@@ -577,10 +579,11 @@ class Engine:
                 for token, logprob, values, ids, n in zip(tokens, chosen, top_values, top_ids, tops)]
 
     @torch.inference_mode()
-    def prompt_logprobs(self, prompt_ids, top: int = 0) -> list[TokenLogprobs | None]:
+    def prompt_logprobs(self, prompt_ids, top: int = 0, rows_per_chunk: int = 256) -> list[TokenLogprobs | None]:
         """Each prompt token's TokenLogprobs given the tokens before it (None for the first), with
         `top` alternatives: the same distribution as SamplingParams.logprobs (for scoring, e.g.
-        OpenAI's echo). Uses a private cache, like logits()."""
+        OpenAI's echo). Uses a private cache, like logits(), and reads the LM head
+        `rows_per_chunk` positions at a time, so a long prompt never holds [len, vocab] logits."""
         if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_LOGPROBS:
             raise ValueError(f"top={top!r}, expected an int in 0..{MAX_LOGPROBS}")
         prompt = self._prompt("prompt_ids", prompt_ids)
@@ -590,7 +593,13 @@ class Engine:
         for token in prompt[:-1]:
             state = self.constraint.state_after([token], state)
             states.append(state)
-        return [None] + self._token_logprobs(self.logits(prompt)[:-1], states, prompt[1:], [top] * (len(prompt) - 1))
+        hidden = self._prompt_states(prompt)[:-1]
+        out = [None]
+        for start in range(0, len(prompt) - 1, rows_per_chunk):
+            end = min(start + rows_per_chunk, len(prompt) - 1)
+            out += self._token_logprobs(self.model.logits(hidden[start:end]), states[start:end],
+                                        prompt[start + 1:end + 1], [top] * (end - start))
+        return out
 
     def _append(self, request: Request, token: int, logprobs: TokenLogprobs | None = None) -> RequestOutput:
         request.output.append(token)

@@ -114,6 +114,11 @@ def test_prompt_logprobs_score_what_generation_sampled(engine):
         assert [t for t, _ in got.top] == [t for t, _ in want.top]
     assert scored[3].logprob > -math.inf and all(t in SPEECH.values or t == SPEECH.end_token
                                                  for t, _ in scored[3].top)  # 410 inside the span
+    chunked = engine.prompt_logprobs(prompt + [lp.token_id for lp in sampled], top=4, rows_per_chunk=3)
+    assert chunked[0] is None  # the LM head in chunks of 3 positions: the same entries, to float rounding
+    for a, b in zip(chunked[1:], scored[1:]):
+        assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert [t for t, _ in a.top] == [t for t, _ in b.top]
     assert engine.prompt_logprobs([5]) == [None]
     with pytest.raises(ValueError, match="top=21, expected an int in 0..20"):
         engine.prompt_logprobs(prompt, top=21)

@@ -28,7 +28,7 @@ import time
 import torch
 
 from anygpt_engine import Engine, SamplingParams, SoundStorm, SoundStormConfig, Vocabulary, codecs
-from anygpt_engine.bench import git_sha, run_hf
+from anygpt_engine.bench import git_sha, median_wall_ms, run_hf
 from anygpt_engine.models.speechtokenizer import SpeechTokenizerConfig
 from anygpt_engine.pipelines import SpeechPipeline, StreamConfig, stream_tokens
 
@@ -38,21 +38,6 @@ TARGETS = {"audio_after_last_token_ms": 40.0, "stream_ttfa_ms": 300.0, "encode_l
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _timed(fn, device, repeats=1, warmup=1):
-    """(median wall ms, last result) of fn(), synchronized around each call."""
-    result = None
-    for _ in range(warmup):
-        result = fn()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        result = fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), result
 
 
 def build(quick: bool, device: torch.device):
@@ -93,11 +78,11 @@ def main():
     print(f"# speech end to end  device={gpu}  frames={frames} ({frames / 50:g} s)  git={sha}", flush=True)
 
     engine.generate([prompt], SamplingParams.greedy(4))  # warm-up
-    llm_ms, reply = _timed(lambda: engine.generate([prompt], params)[0], device, repeats=1, warmup=0)
+    llm_ms, reply = median_wall_ms(lambda: engine.generate([prompt], params)[0], device, repeats=1, warmup=0)
     semantic = speech.semantic(reply)
-    soundstorm_ms, codes = _timed(lambda: speech.codes([semantic]), device, repeats)
-    decoder_ms, wav = _timed(lambda: speech.tokenizer.decode([codes[0].T]), device, repeats)
-    whole_ms, _ = _timed(lambda: speech.synthesize(reply), device, repeats)
+    soundstorm_ms, codes = median_wall_ms(lambda: speech.codes([semantic]), device, repeats)
+    decoder_ms, wav = median_wall_ms(lambda: speech.tokenizer.decode([codes[0].T]), device, repeats)
+    whole_ms, _ = median_wall_ms(lambda: speech.synthesize(reply), device, repeats)
 
     def first_audio():
         start = time.perf_counter()
@@ -114,7 +99,7 @@ def main():
     ttfa_ms = statistics.median(r[0] for r in runs)
     stream_ms = statistics.median(r[1] for r in runs)
     ten_seconds = torch.randn(1, 160000, generator=g).mul_(0.1).to(device)
-    encode_ms, _ = _timed(lambda: speech.tokenizer.encode(ten_seconds, 16000, levels=1), device, repeats)
+    encode_ms, _ = median_wall_ms(lambda: speech.tokenizer.encode(ten_seconds, 16000, levels=1), device, repeats)
 
     audio_s = frames / 50
     row = dict(gpu=gpu, git_sha=sha, quick=args.quick, frames=frames, audio_s=audio_s, llm_ms=llm_ms,
@@ -124,7 +109,7 @@ def main():
                encode_level1_ms=encode_ms)
     if not args.no_reference:
         hf = run_hf(engine, [prompt], frames)
-        ref_storm_ms, _ = _timed(lambda: speech.soundstorm.generate([semantic.to(device)], steps=3, seeds=[0],
+        ref_storm_ms, _ = median_wall_ms(lambda: speech.soundstorm.generate([semantic.to(device)], steps=3, seeds=[0],
                                                                   fast=False, backend="torch"), device, 1)
         row.update(reference_llm_tok_s=frames / hf["total_s"], reference_soundstorm_ms=ref_storm_ms,
                    reference_first_audio_ms=hf["total_s"] * 1e3 + ref_storm_ms + decoder_ms)

@@ -582,6 +582,13 @@ def test_audio_speech_and_transcriptions(chat_client, chat_server, chat_engine, 
     assert wav == speech.synthesize(ids, voice="low") != speech.synthesize(ids, voice="high")
     assert wav == chat_client.audio.speech.create(model="tiny-chat", input="Hello world", voice="low",
                                                   extra_body={"seed": 5, "max_tokens": 30}).content
+    pcm = chat_client.audio.speech.create(model="tiny-chat", input="Hello world", voice="low", response_format="pcm",
+                                          extra_body={"seed": 5, "max_tokens": 30}).content  # streamed as spoken
+    from anygpt_engine.serving.speech import pcm16_bytes
+
+    speech_ids = [t for t in ids if t in vocab.range("speech")]
+    assert pcm == b"".join(pcm16_bytes(w) for w in speech.pipeline.stream(ids, voice=speech.voices["low"]))
+    assert len(pcm) == 2 * 320 * len(speech_ids)
     with pytest.raises(openai.BadRequestError, match="response_format"):
         chat_client.audio.speech.create(model="tiny-chat", input="Hello", voice="low", response_format="mp3")
     with pytest.raises(openai.BadRequestError) as info:  # named voices: no silent fallback for an unknown one

@@ -6,7 +6,7 @@
     POST /v1/completions           prompt as text or token ids; stream (SSE) or not; return_token_ids
     POST /v1/chat/completions      AnyGPT's chat template; input_audio and image_url (data URL) parts;
                                    modalities ["text", "audio"] or ["text", "image"]
-    POST /v1/audio/speech          text -> wav bytes (AnyGPT's text-to-speech instruction)
+    POST /v1/audio/speech          text -> wav bytes, or pcm streamed as spoken (AnyGPT's text-to-speech instruction)
     POST /v1/audio/transcriptions  multipart wav -> text (AnyGPT's speech-to-text instruction)
 
 Errors are OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for bad fields,
@@ -90,11 +90,12 @@ class _BodyLimit:
 
 
 class _EventStream(StreamingResponse):
-    """An SSE response that calls on_close when it ends however it ends, even when the client
-    left before the body was first read (the body's own finally would then never run)."""
+    """A streamed response (SSE, or raw audio) that calls on_close when it ends however it ends,
+    even when the client left before the body was first read (the body's own finally would then
+    never run)."""
 
-    def __init__(self, content, on_close):
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(self, content, on_close, media_type: str = "text/event-stream"):
+        super().__init__(content, media_type=media_type, headers={"Cache-Control": "no-cache"})
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send):
@@ -679,8 +680,10 @@ class OpenAIServer:
         if not text or not text.strip():
             raise bad("input", "input must be a non-empty string (the text to speak)")
         voice = self._voice("voice", fields.get("voice"))
-        if fields.string("response_format", "wav") != "wav":
-            raise bad("response_format", f"response_format={body.get('response_format')!r}: only 'wav' is supported")
+        response_format = fields.string("response_format", "wav")
+        if response_format not in ("wav", "pcm"):
+            raise bad("response_format", f"response_format={response_format!r}: 'wav' or 'pcm' (16 kHz mono 16-bit "
+                                         "samples, streamed as they are spoken)")
         if fields.number("speed", 1.0) != 1.0:
             raise bad("speed", "speed other than 1.0 is not supported")
         message = [{"role": "user", "content": TEXT_TO_SPEECH.format(text=text.strip())}]
@@ -689,8 +692,23 @@ class OpenAIServer:
         params, _ = protocol.sampling(fields, len(prompt), self.max_model_len, self.vocab_size,
                                       defaults=chat_params("speech"), max_tokens_default=chat_params("speech")
                                       .max_new_tokens, has_tokenizer=True, stop_ids=self._chat_stop_ids((eosp,)))
-        result = await self._reply_tokens(request, prompt, params)
-        return Response(await self._synthesize(result.token_ids, "wav", voice), media_type="audio/wav")
+        if response_format == "wav":
+            result = await self._reply_tokens(request, prompt, params)
+            return Response(await self._synthesize(result.token_ids, "wav", voice), media_type="audio/wav")
+        stream = await self._start(prompt, params)
+        spoken = speech.stream(asyncio.get_running_loop(), voice)
+
+        async def pcm():
+            try:
+                async for delta, _, finish, _ in self._events(stream, []):
+                    spoken.feed(delta)
+                    for data in spoken.ready() if finish is None else [d async for d in spoken.rest()]:
+                        yield data
+            finally:
+                spoken.end()
+
+        return _EventStream(pcm(), on_close=lambda: (self._end(stream, None), spoken.end()),
+                            media_type="audio/pcm")
 
     async def audio_transcriptions(self, request: Request):
         self._authorize(request)

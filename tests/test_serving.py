@@ -190,6 +190,27 @@ def test_n_choices_are_requests_with_consecutive_seeds(client, server, engine):
         assert info.value.param == "n"
 
 
+def test_best_of_returns_the_highest_logprob_per_token(client, engine):
+    """best_of=3, n=2 with seed 4: candidates seeded 4, 5, 6; the two with the highest mean
+    log-probability per token come back, best first; usage counts all three."""
+    prompt = [1, 40, 41, 42]
+    candidates = []
+    for i in range(3):
+        ids, entries = engine_logprobs(engine, prompt, SamplingParams(max_new_tokens=6, seed=4 + i, temperature=1.2,
+                                                                      logprobs=0, stop_token_ids=()))
+        candidates.append((sum(e.logprob for e in entries) / len(entries), ids))
+    assert len({score for score, _ in candidates}) == 3
+    best = [ids for _, ids in sorted(candidates, key=lambda c: -c[0])[:2]]
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, seed=4, temperature=1.2, n=2,
+                                    best_of=3, extra_body={"return_token_ids": True, "ignore_eos": True}).model_dump()
+    assert [c["token_ids"] for c in out["choices"]] == best and [c["index"] for c in out["choices"]] == [0, 1]
+    assert out["choices"][0]["logprobs"] is None and out["usage"]["completion_tokens"] == 18
+    for fields in (dict(n=2, best_of=1), dict(best_of=2, stream=True)):
+        with pytest.raises(openai.BadRequestError) as info:
+            client.completions.create(model="tiny", prompt=prompt, max_tokens=2, **fields)
+        assert info.value.param == "best_of"
+
+
 def test_32_concurrent_streams(server, engine):
     rng = random.Random(1)
     prompts = [[1] + [rng.randrange(3, 53516) for _ in range(rng.randint(1, 40))] for _ in range(32)]

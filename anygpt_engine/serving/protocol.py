@@ -91,8 +91,6 @@ class Fields:
 
 def check_unsupported(fields: Fields) -> None:
     """OpenAI fields the engine does not implement: rejected unless they ask for the default."""
-    if fields.integer("best_of", 1) != 1:
-        raise bad("best_of", "best_of is not supported")
     for name in ("presence_penalty", "frequency_penalty"):
         if fields.number(name, 0.0) != 0.0:
             raise bad(name, f"{name} is not supported (use repetition_penalty)")
@@ -187,6 +185,17 @@ def sampling(fields: Fields, prompt_len: int, max_model_len: int, vocab_size: in
 def choices(fields: Fields) -> int:
     """`n`: how many choices (each its own request of the same prompt), 1..MAX_CHOICES."""
     return fields.integer("n", 1, low=1, high=MAX_CHOICES)
+
+
+def best_of(fields: Fields, n: int, stream: bool) -> int:
+    """/v1/completions' `best_of`: candidates generated for the n returned (default n)."""
+    value = fields.integer("best_of", n, low=1, high=MAX_CHOICES)
+    if value < n:
+        raise bad("best_of", f"best_of={value} is below n={n}: best_of candidates are generated and the best n "
+                             "returned")
+    if value > n and stream:
+        raise bad("best_of", f"best_of={value} > n={n} cannot be streamed (the best are known only at the end)")
+    return value
 
 
 def completion_logprobs(fields: Fields) -> int | None:

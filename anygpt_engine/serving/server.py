@@ -386,7 +386,11 @@ class OpenAIServer:
                                           has_tokenizer=self.tokenizer is not None,
                                           logprobs=protocol.completion_logprobs(fields))
         echo = await self._echo(prompt, params.logprobs) if fields.boolean("echo", False) else None
-        streams = await self._start_choices(prompt, params, protocol.choices(fields))
+        n = protocol.choices(fields)
+        candidates = protocol.best_of(fields, n, options.stream)
+        # Ranking best_of candidates needs their tokens' log-probabilities even when not returned.
+        run = params if candidates == n or params.logprobs is not None else dataclasses.replace(params, logprobs=0)
+        streams = await self._start_choices(prompt, run, candidates)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def choice(i, text, ids, finish, first=False, logprobs=None, offsets=()):
@@ -409,9 +413,13 @@ class OpenAIServer:
 
         if not options.stream:
             results = await self._collect_all(request, streams, stops)
+            usage = self._usage(len(prompt), sum(len(r.token_ids) for r in results))  # every candidate counts
+            if candidates > n:  # OpenAI's "best": the highest log-probability per token
+                results = sorted(results, key=lambda r: -sum(e.logprob for e in r.logprobs) / max(len(r.logprobs), 1))
+                results = results[:n]
             response = envelope([choice(i, r.text, r.token_ids, r.finish_reason, first=True, logprobs=r.logprobs,
                                         offsets=r.text_offsets) for i, r in enumerate(results)])
-            response["usage"] = self._usage(len(prompt), sum(len(r.token_ids) for r in results))
+            response["usage"] = usage
             return response
 
         async def chunks():
@@ -533,6 +541,8 @@ class OpenAIServer:
         self._need_tokenizer("/v1/chat/completions")
         fields = Fields(body)
         protocol.check_unsupported(fields)
+        if fields.get("best_of") is not None:
+            raise bad("best_of", "best_of is a /v1/completions field (chat has n)")
         modalities = fields.get("modalities", ["text"])
         if (not isinstance(modalities, list) or not modalities or not set(modalities) <= {"text", "audio", "image"}
                 or {"audio", "image"} <= set(modalities)):

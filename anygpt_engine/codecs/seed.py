@@ -221,7 +221,8 @@ class SeedImageTokenizer:
         elif isinstance(source, (str, os.PathLike)):
             if not Path(source).is_dir():
                 raise FileNotFoundError(f"no Stable Diffusion unCLIP pipeline directory at {source}")
-            pipeline = StableUnCLIPImg2ImgPipeline.from_pretrained(str(source), torch_dtype=dtype)
+            # In its stored precision (diffusers renamed torch_dtype to dtype); .to(dtype) below casts it.
+            pipeline = StableUnCLIPImg2ImgPipeline.from_pretrained(str(source))
         else:
             raise TypeError(f"source must be a pipeline directory or a StableUnCLIPImg2ImgPipeline, got "
                             f"{type(source).__name__}")

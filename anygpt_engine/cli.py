@@ -122,7 +122,12 @@ def _serve(args) -> int:
 
         torch.set_num_threads(args.cpu_threads)
     engine_kwargs = dict(device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, seed=args.seed,
-                         max_batch_size=args.max_batch_size, num_blocks=args.num_blocks)
+                         max_batch_size=args.max_batch_size, num_blocks=args.num_blocks,
+                         kv_cache_memory_fraction=args.kv_cache_memory_fraction, block_size=args.block_size,
+                         max_num_batched_tokens=args.max_num_batched_tokens,
+                         enable_prefix_caching=not args.no_prefix_caching, quantization=args.quantization)
+    if args.eager:
+        engine_kwargs.update(cuda_graphs=False, warm_up=False)
     if args.tensor_parallel_size < 1:
         raise ValueError(f"--tensor-parallel-size {args.tensor_parallel_size}, expected a positive int")
     if args.tensor_parallel_size == 1:
@@ -277,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests allowed to wait for a batch slot; more get 503 (default: unbounded)")
     s.add_argument("--max-batch-size", type=int, default=32)
     s.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")
+    s.add_argument("--kv-cache-memory-fraction", type=float, default=0.4, metavar="F",
+                   help="share of the free GPU memory the KV cache takes without --num-blocks")
+    s.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    s.add_argument("--max-num-batched-tokens", type=int, default=4096, metavar="N",
+                   help="prompt tokens one step may prefill (longer prompts are chunked)")
+    s.add_argument("--no-prefix-caching", action="store_true", help="do not share cached prompt blocks")
+    s.add_argument("--quantization", default=None, choices=["int8", "fp8", "int4"],
+                   help="weight-only quantization of the layers' matrices, at load")
+    s.add_argument("--eager", action="store_true", help="no CUDA graphs and no start-up warm-up")
     s.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="larger request bodies get 413")
     s.add_argument("--template", default="MMGPT", choices=["MMGPT", "AnyGPT"], help="chat template")
     s.add_argument("--speech-tokenizer", nargs=2, default=None, metavar=("CONFIG", "CKPT"),

@@ -132,6 +132,9 @@ class Engine:
         for name, value in (("max_batch_size", max_batch_size), ("max_num_batched_tokens", max_num_batched_tokens)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r}, expected a positive int")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1 \
+                or block_size & (block_size - 1):
+            raise ValueError(f"block_size={block_size!r}, expected a power of two")
         if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) \
                 or tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size={tensor_parallel_size!r}, expected a positive int")

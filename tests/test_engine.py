@@ -47,6 +47,9 @@ def test_bad_inputs_raise_clear_errors(engine):
         Engine("nope")
     with pytest.raises(ValueError, match="dtype='int8'"):
         Engine("tiny", device="cpu", dtype="int8")
+    for bad in (0, 12, True):
+        with pytest.raises(ValueError, match=rf"block_size={bad!r}, expected a power of two"):
+            Engine("tiny", device="cpu", block_size=bad)
 
 
 def test_weights_dict_round_trips_through_hf_names(engine):

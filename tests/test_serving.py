@@ -211,6 +211,31 @@ def test_best_of_returns_the_highest_logprob_per_token(client, engine):
         assert info.value.param == "best_of"
 
 
+def test_serve_engine_flags(tmp_path):
+    """serve's engine flags reach the engine: an int8, 8-token-block, uncached, eager server
+    gives the tokens of that engine built in process."""
+    port = free_port()
+    proc = ServerProcess(["-m", "anygpt_engine.cli", "serve", "--model", "tiny", "--device", "cpu", "--port", str(port),
+                          "--quantization", "int8", "--block-size", "8", "--no-prefix-caching", "--eager",
+                          "--max-num-batched-tokens", "64", "--num-blocks", "64", "--cpu-threads", "1"],
+                         port, tmp_path / "server.log")
+    try:
+        local = openai.OpenAI(base_url=proc.base + "/v1", api_key="none", max_retries=0, timeout=60)
+        prompt = list(range(1, 100))  # longer than one step's 64 tokens: a chunked prefill
+        got = local.completions.create(model="tiny", prompt=prompt, max_tokens=5, temperature=0, logprobs=0,
+                                       extra_body={"return_token_ids": True}).model_dump()["choices"][0]
+        m = metrics(proc.base)
+    finally:
+        proc.stop()
+    reference = Engine("tiny", device="cpu", quantization="int8", block_size=8, enable_prefix_caching=False,
+                       max_num_batched_tokens=64, num_blocks=64)
+    ids, entries = engine_logprobs(reference, prompt, SamplingParams.greedy(5, logprobs=0))
+    assert got["token_ids"] == ids and m["anygpt_kv_blocks_total"] == 63
+    assert got["logprobs"]["token_logprobs"] == pytest.approx([e.logprob for e in entries], abs=1e-5)
+    _, unquantized = engine_logprobs(Engine("tiny", device="cpu"), prompt, SamplingParams.greedy(5, logprobs=0))
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(entries, unquantized)) > 1e-4  # int8 was applied
+
+
 def test_32_concurrent_streams(server, engine):
     rng = random.Random(1)
     prompts = [[1] + [rng.randrange(3, 53516) for _ in range(rng.randint(1, 40))] for _ in range(32)]

@@ -143,31 +143,36 @@ def test_dispatch_by_m_uses_the_library_above_the_crossover():
         assert "anygpt_engine.linear_kernel.default" in _ops_called(lambda: linear(x, weight, backend="triton"))
 
 
+def _check_qkv_rope_kv_append(x, weight, positions, slots, heads, kv_heads, head_dim, norm):
+    """The fused Triton op against the unfused reference: q, and poisoned caches in which the same
+    slots are written (to rounding) and the others untouched."""
+    inv_freq = (1.0 / 10000 ** (torch.arange(0, head_dim // 2, dtype=torch.float32) / (head_dim // 2))).to(DEV)
+    caches = [poison(torch.empty(6, 4, kv_heads, head_dim, dtype=x.dtype, device=DEV)) for _ in range(2)]
+    expected = [c.clone() for c in caches]
+    q = linear_rope_kv_append(x, weight, positions, slots, caches[0], caches[1], inv_freq, heads,
+                              norm_weight=norm, backend="triton")
+    q_ref = linear_rope_kv_append_reference(x, weight, positions, slots, expected[0], expected[1], inv_freq,
+                                            heads, norm)
+    _assert_rounding_close(q, q_ref)
+    for got, ref in zip(caches, expected):
+        written = ~ref.isnan()
+        assert torch.equal(got.isnan(), ref.isnan())
+        _assert_rounding_close(got[written], ref[written])
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_fused_qkv_rope_kv_append_matches_the_unfused_reference(mode):
     dtype = torch.bfloat16
     heads, kv_heads, head_dim, k = 4, 2, 32, 128
     w, weight = _weights((heads + 2 * kv_heads) * head_dim, k, dtype, mode, seed=8)
     norm = (torch.rand(k) + 0.5).to(dtype).to(DEV)
-    inv_freq = (1.0 / 10000 ** (torch.arange(0, head_dim // 2, dtype=torch.float32) / (head_dim // 2))).to(DEV)
     for m in (1, 5, 16, 19):  # 19: above max_m, the projections then ops.rope_kv_append
-        x = _x(m, k, dtype, seed=m)
         positions = torch.randint(0, 3000, (m,), generator=torch.Generator().manual_seed(m)).to(DEV)
         slots = torch.randperm(24, generator=torch.Generator().manual_seed(m))[:m].to(DEV)
         if m > 1:
             slots[1] = -1  # padding: writes nothing
             slots[-1] = 24  # past the cache: writes nothing
-        caches = [poison(torch.empty(6, 4, kv_heads, head_dim, dtype=dtype, device=DEV)) for _ in range(2)]
-        expected = [c.clone() for c in caches]
-        q = linear_rope_kv_append(x, weight, positions, slots, caches[0], caches[1], inv_freq, heads,
-                                  norm_weight=norm, backend="triton")
-        q_ref = linear_rope_kv_append_reference(x, weight, positions, slots, expected[0], expected[1], inv_freq,
-                                                heads, norm)
-        _assert_rounding_close(q, q_ref)
-        for got, ref in zip(caches, expected):
-            written = ~ref.isnan()
-            assert torch.equal(got.isnan(), ref.isnan())  # the same slots written, the others untouched
-            _assert_rounding_close(got[written], ref[written])
+        _check_qkv_rope_kv_append(_x(m, k, dtype, seed=m), weight, positions, slots, heads, kv_heads, head_dim, norm)
 
 
 def test_launch_counter_counts_per_op_call():
@@ -286,22 +291,11 @@ def test_split_k_fused_qkv_rope_kv_append(mode, monkeypatch):
     heads, kv_heads, head_dim, k = 2, 1, 32, 512
     w, weight = _weights((heads + 2 * kv_heads) * head_dim, k, dtype, mode, seed=15)
     norm = (torch.rand(k) + 0.5).to(dtype).to(DEV)
-    inv_freq = (1.0 / 10000 ** (torch.arange(0, head_dim // 2, dtype=torch.float32) / (head_dim // 2))).to(DEV)
     with tuning.override("gemv", **SPLIT_TILES):
         for m in (1, 6):
-            x = _x(m, k, dtype, seed=60 + m)
             positions = torch.arange(100, 100 + 7 * m, 7).to(DEV)
-            slots = torch.arange(m).to(DEV) * 3
-            caches = [poison(torch.empty(6, 4, kv_heads, head_dim, dtype=dtype, device=DEV)) for _ in range(2)]
-            expected = [c.clone() for c in caches]
-            q = linear_rope_kv_append(x, weight, positions, slots, caches[0], caches[1], inv_freq, heads,
-                                      norm_weight=norm, backend="triton")
-            q_ref = linear_rope_kv_append_reference(x, weight, positions, slots, expected[0], expected[1], inv_freq,
-                                                    heads, norm)
-            _assert_rounding_close(q, q_ref)
-            for got, ref in zip(caches, expected):
-                assert torch.equal(got.isnan(), ref.isnan())
-                _assert_rounding_close(got[~ref.isnan()], ref[~ref.isnan()])
+            _check_qkv_rope_kv_append(_x(m, k, dtype, seed=60 + m), weight, positions, torch.arange(m).to(DEV) * 3,
+                                      heads, kv_heads, head_dim, norm)
     assert used == [4, 4]
     assert _counters_zero(DEV)
 

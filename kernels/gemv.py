@@ -38,16 +38,20 @@ NONE, RESIDUAL, SILU_MUL = 0, 1, 2
 
 
 @triton.jit
-def _inv_rms(x_ptr, x_stride, m, m_mask, K, eps, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """1 / sqrt(mean(x^2) + eps) of each row m, correctly rounded as ops.rms_norm's faces."""
-    cols = tl.arange(0, BLOCK_K)
-    squares = tl.zeros([BLOCK_M], tl.float32)
-    for start in range(0, K, BLOCK_K):
-        c = start + cols
-        xs = tl.load(x_ptr + m[:, None] * x_stride + c[None, :], mask=m_mask[:, None] & (c < K)[None, :],
-                     other=0.0).to(tl.float32)
-        squares += tl.sum(xs * xs, axis=1)
-    return tl.math.div_rn(1.0, tl.math.sqrt_rn(squares / K + eps))
+def _inv_rms(x_ptr, x_stride, m, m_mask, K, eps, NORM: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x^2) + eps) of each row m, correctly rounded as ops.rms_norm's faces (with
+    the norm prologue; zeros, unread, without it)."""
+    inv_rms = tl.zeros([BLOCK_M], tl.float32)
+    if NORM:
+        cols = tl.arange(0, BLOCK_K)
+        for start in range(0, K, BLOCK_K):
+            c = start + cols
+            xs = tl.load(x_ptr + m[:, None] * x_stride + c[None, :], mask=m_mask[:, None] & (c < K)[None, :],
+                         other=0.0).to(tl.float32)
+            inv_rms += tl.sum(xs * xs, axis=1)
+        inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(inv_rms / K + eps))
+    return inv_rms
 
 
 @triton.jit
@@ -200,10 +204,7 @@ def _gemv_kernel(out_ptr, x_ptr, w_ptr, scale_ptr, zero_ptr, norm_ptr, ws_ptr, c
     n_mask = n < N_OUT
     m_mask = m < M
     dtype = x_ptr.dtype.element_ty
-    if NORM:
-        inv_rms = _inv_rms(x_ptr, x_stride, m, m_mask, K, eps, BLOCK_M, BLOCK_K)
-    else:
-        inv_rms = tl.zeros([BLOCK_M], tl.float32)
+    inv_rms = _inv_rms(x_ptr, x_stride, m, m_mask, K, eps, NORM, BLOCK_M, BLOCK_K)
     k_begin, k_end = _k_range(K, split, splits, SPLIT, BLOCK_K)
     acc = _accumulate(x_ptr, x_stride, m, m_mask, inv_rms, norm_ptr, w_ptr, scale_ptr, zero_ptr, n, n_mask, K,
                       k_begin, k_end, WEIGHT, NORM, DOT, DOT_IN_FP32, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K, GROUP)
@@ -255,10 +256,7 @@ def _qkv_rope_kernel(q_ptr, k_cache_ptr, v_cache_ptr, x_ptr, w_ptr, scale_ptr, z
     m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = m < M
     dtype = x_ptr.dtype.element_ty
-    if NORM:
-        inv_rms = _inv_rms(x_ptr, x_stride, m, m_mask, K, eps, BLOCK_M, BLOCK_K)
-    else:
-        inv_rms = tl.zeros([BLOCK_M], tl.float32)
+    inv_rms = _inv_rms(x_ptr, x_stride, m, m_mask, K, eps, NORM, BLOCK_M, BLOCK_K)
     rows = head * HEAD_DIM + j
     all_rows = j < HALF
     k_begin, k_end = _k_range(K, split, splits, SPLIT, BLOCK_K)

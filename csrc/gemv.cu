@@ -36,8 +36,8 @@ anygpt_status check_args(const void* out, const void* x, const void* weight, con
                 epilogue);
   if (m < 0 || m > ANYGPT_GEMV_MAX_ROWS)
     return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "%s: m=%lld, expected 0..%d rows", kOp, (ll)m, ANYGPT_GEMV_MAX_ROWS);
-  if (n_out < 0 || n_out > (int64_t{1} << 31))
-    return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "%s: n_out=%lld, expected 0..2^31", kOp, (ll)n_out);
+  if (n_out < 0 || n_out >= (int64_t{1} << 31))  // a block per row at most: gridDim.x <= 2^31 - 1
+    return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "%s: n_out=%lld, expected 0..2^31 - 1", kOp, (ll)n_out);
   const int values = vector_values(dtype, format);
   if (k <= 0 || k % values != 0)
     return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "%s: k=%lld, expected a positive multiple of %d (16-byte weight vectors)",

@@ -56,6 +56,8 @@ anygpt_status check_codebook_args(const char* op, const void* codebooks, int64_t
 anygpt_status check_workspace_args(const char* op, const void* workspace, size_t workspace_bytes, int64_t levels,
                                    int64_t size, int64_t dim) {
   if (workspace == nullptr) return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "%s: workspace is a null pointer", op);
+  if (reinterpret_cast<std::uintptr_t>(workspace) % 256 != 0)  // its sections are read by 16-byte async copies
+    return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "%s: workspace=%p, expected a 256-byte aligned address", op, workspace);
   const size_t needed = workspace_layout(levels, size, dim).bytes;
   if (workspace_bytes < needed)
     return fail(ANYGPT_ERROR_INVALID_ARGUMENT, "%s: workspace_bytes=%zu, expected >= %zu (anygpt_rvq_workspace_bytes)",

@@ -447,6 +447,19 @@ def test_decode_clamps_seq_lens_to_the_block_table(backend):
                         _same_precision(q[b:b + 1], keys, values, False), torch.float32)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("width", [0, 2])
+def test_paged_decode_of_an_empty_batch_is_a_no_op(backend, width):
+    """No sequences (a step whose requests all finished): every face returns the empty out, also
+    with a zero-width table, which the CUDA entry rejects for a non-empty batch."""
+    k_cache = _rand((3, 16, 2, 64), torch.float32, torch.Generator().manual_seed(8))
+    q = torch.empty((0, 4, 64), device=DEV)
+    tables = torch.empty((0, width), dtype=torch.int64, device=DEV)
+    out = A.paged_decode_attention(q, k_cache, k_cache, tables, torch.empty(0, dtype=torch.int64, device=DEV),
+                                   backend=backend)
+    assert out.shape == (0, 4, 64)
+
+
 @pytest.mark.parametrize("head_dim,block_size,cuda_ok", [(32, 16, False), (64, 128, False), (64, 16, True),
                                                          (128, 64, True)])
 def test_decode_takes_cuda_only_for_its_instantiated_shapes(monkeypatch, head_dim, block_size, cuda_ok):

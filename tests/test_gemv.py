@@ -471,6 +471,13 @@ def test_linear_argument_errors():
         linear(x, w, residual=torch.zeros(2, 10, device=DEV), out=torch.zeros(2, 10, device=DEV))
     with pytest.raises(ValueError, match=r"residual must be a contiguous \(2, 10\)"):
         linear(x, w, residual=torch.zeros(2, 11, device=DEV))
+    square = _weights(128, 128, torch.float32, "int8")[0]
+    with pytest.raises(ValueError, match="residual overlaps x"):
+        linear(x, square, residual=x)
+    shared = torch.cat([x.view(-1), x.new_zeros(20)])  # x's 256 values, then room for a (2, 10) out
+    with pytest.raises(ValueError, match="out overlaps x"):
+        linear(shared[:256].view(2, 128), w, out=shared[250:270].view(2, 10))
+    torch.testing.assert_close(linear(shared[:256].view(2, 128), w, out=shared[256:].view(2, 10)), x @ w.t())
     with pytest.raises(ValueError, match="backend='cuda'"):
         linear(x, w, backend="cuda") if DEV == "cpu" else linear(_x(17, 128, torch.float32), weight, backend="cuda")
     with pytest.raises(ValueError, match=r"weight has 10 rows, expected"):

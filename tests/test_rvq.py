@@ -424,10 +424,11 @@ def test_c_abi_checks_its_arguments():
     x, cb = random_frames(4, 8), make_codebooks(2, 10, 8)
     codes, res = torch.empty(2, 4, dtype=torch.int64), torch.empty(4, 8)
     ws_bytes = ext.rvq_workspace_bytes(2, 10, 8)
-    ws = torch.empty(ws_bytes, dtype=torch.uint8)
+    room = torch.empty(ws_bytes + 256, dtype=torch.uint8)
+    ws = room[-room.data_ptr() % 256:][:ws_bytes]  # 256-byte aligned, as the C ABI requires
 
-    def encode(rows=4, dim=8, stride=8, dtype=0, wsb=ws_bytes, codes_ptr=codes.data_ptr()):
-        ext.rvq_encode_cuda(codes_ptr, res.data_ptr(), 0, x.data_ptr(), stride, dtype, cb.data_ptr(), ws.data_ptr(),
+    def encode(rows=4, dim=8, stride=8, dtype=0, wsb=ws_bytes, codes_ptr=codes.data_ptr(), ws_ptr=ws.data_ptr()):
+        ext.rvq_encode_cuda(codes_ptr, res.data_ptr(), 0, x.data_ptr(), stride, dtype, cb.data_ptr(), ws_ptr,
                             wsb, rows, dim, 2, 10, 0)
 
     with pytest.raises(ValueError, match="rows=0, expected >= 1 \\(empty input\\)"):
@@ -441,6 +442,8 @@ def test_c_abi_checks_its_arguments():
         encode(dtype=7)
     with pytest.raises(ValueError, match=f"workspace_bytes=16, expected >= {ws_bytes}"):
         encode(wsb=16)
+    with pytest.raises(ValueError, match="workspace=.*, expected a 256-byte aligned address"):
+        encode(ws_ptr=ws.data_ptr() + 16)
     with pytest.raises(ValueError, match="codes, residual and x must be non-null"):
         encode(codes_ptr=0)
     with pytest.raises(ValueError, match="levels=2 from first_level=1, expected levels >= 1 within total_levels=2"):

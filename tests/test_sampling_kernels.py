@@ -8,6 +8,7 @@ top-k boundary are kept by every face) and a checked margin between the top-p th
 every cumulative mass, so float summation order cannot flip a token's membership.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -55,6 +56,14 @@ def _same_state(a, b):
 
 def _no_constraint(vocab_size, device=CPU):
     return ModalityConstraint.build(Vocabulary.text_only(vocab_size), device)
+
+
+def _strided_constraint(vocab_size):
+    """A hand-built constraint whose `allowed` rows are one row expanded: the kernels would read
+    past its storage for any state but 0."""
+    c = ModalityConstraint.build(_small_vocab(), CPU)
+    return dataclasses.replace(c, allowed=c.allowed[:1, :vocab_size].expand(c.closes.shape[0], vocab_size),
+                               opens=c.opens[:vocab_size].contiguous())
 
 
 def _small_vocab():
@@ -381,6 +390,7 @@ def test_invalid_inputs_raise_clearly():
         ((logits, slots, "state", c), TypeError, "state must be a SamplingState"),
         ((logits, slots, state, None), TypeError, "constraint must be a ModalityConstraint"),
         ((logits, slots, state, _no_constraint(8)), ValueError, "constraint.opens.shape"),
+        ((logits, slots, state, _strided_constraint(vocab)), ValueError, "constraint.allowed has strides"),
     ]
     for args, error, message in cases:
         for face in ("torch", "triton"):

@@ -321,6 +321,8 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, seq_lens, *, scale
           or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous ({batch}, {num_q_heads}, {head_dim}) {q.dtype} tensor on "
                          f"{q.device}")
+    if batch == 0:  # nothing to attend; the kernels would see an empty grid or table
+        return out
     params = tuning.params("attention", q.device)
     context = block_tables.shape[1] * k_cache.shape[1]
     faces = decode_face_order(batch, context, params)

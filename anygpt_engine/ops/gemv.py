@@ -140,11 +140,19 @@ def _check(x, weight, norm_weight, eps, activation) -> tuple[int, int, int]:
     return x.numel() // k, n // 2 if activation == "silu_mul" else n, k
 
 
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else -1
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
 def _check_output(name, t, shape, x):
     check_same(name, t, "x", x)
     if tuple(t.shape) != tuple(shape) or not t.is_contiguous():
         raise ValueError(f"{name} must be a contiguous {tuple(shape)} tensor, got {tuple(t.shape)} with strides "
                          f"{t.stride()}")
+    (start, end), (x_start, x_end) = _byte_range(t), _byte_range(x)
+    if start < x_end and x_start < end:  # the kernels write rows while other programs still read x
+        raise ValueError(f"{name} overlaps x in memory; the GEMV kernels need them apart")
 
 
 # -- dispatch -----------------------------------------------------------------------------------

@@ -143,13 +143,19 @@ class RVQCodebooks:
         return self._low[precision]
 
     def cuda_workspace(self) -> torch.Tensor:
-        """bf16 copy, norms and per-level max norm in the layout the CUDA kernel reads, cached."""
+        """bf16 copy, norms and per-level max norm in the layout the CUDA kernel reads, cached.
+        Prepared on the codebooks' GPU whichever is current, and never during graph capture, where
+        the preparation would only be recorded and every later eager encode would read garbage."""
         if self._cuda_workspace is None:
+            if torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("rvq_encode's first CUDA call on these codebooks came during CUDA graph capture: "
+                                   "run one encode before capturing (it prepares the codebooks' workspace)")
             ext = extension()
             size = ext.rvq_workspace_bytes(self.levels, self.codebook_size, self.dim)
-            ws = torch.empty(size, dtype=torch.uint8, device=self.device)
-            ext.rvq_prepare_cuda(ws.data_ptr(), size, self.embed.data_ptr(), self.levels, self.codebook_size,
-                                 self.dim, cuda_stream_handle(self.device))
+            with torch.cuda.device(self.device):
+                ws = torch.empty(size, dtype=torch.uint8, device=self.device)
+                ext.rvq_prepare_cuda(ws.data_ptr(), size, self.embed.data_ptr(), self.levels, self.codebook_size,
+                                     self.dim, cuda_stream_handle(self.device))
             self._cuda_workspace = ws
         return self._cuda_workspace
 

@@ -104,6 +104,8 @@ def _check(logits, slots, state, constraint, work, out):
             raise ValueError(f"{name}: {t.dtype} on {t.device}, expected {dtype} on {device} like the sampling state")
         if shape is not None and t.shape != shape:
             raise ValueError(f"{name}.shape={tuple(t.shape)}, expected {shape}")
+        if not t.is_contiguous():  # the kernels index the tables as dense arrays
+            raise ValueError(f"{name} has strides {t.stride()}, expected a contiguous tensor")
     states = constraint.closes.shape[0] if constraint.closes.dim() == 1 else -1
     if constraint.allowed.shape != (states, vocab) or states < 1:
         raise ValueError(f"constraint.allowed.shape={tuple(constraint.allowed.shape)} and closes.shape="

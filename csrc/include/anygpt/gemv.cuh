@@ -145,8 +145,9 @@ __device__ __forceinline__ void accumulate_row(const Params& p, int64_t row, int
   }
 }
 
+// The bound keeps every instantiation launchable at the largest block the launcher accepts.
 template <typename T, int kFormat, int kMaxM>
-__global__ void gemv_kernel(Params p) {
+__global__ void __launch_bounds__(kMaxWarps * 32) gemv_kernel(Params p) {
   constexpr int kChunk = kSharedFloats / kMaxM;
   __shared__ __align__(16) float xs[kMaxM * kChunk];
   __shared__ float inv_rms[kMaxM];

@@ -21,8 +21,8 @@ __device__ __forceinline__ float block_sum(float value, float* shared) {
   if (lane == 0) shared[warp] = value;
   __syncthreads();
   constexpr int kWarps = kThreads / 32;
-  value = lane < kWarps ? shared[lane] : 0.0f;
-  if (warp == 0) {
+  if (warp == 0) {  // only warp 0 reads the partials: another warp's read could race its write of shared[0]
+    value = lane < kWarps ? shared[lane] : 0.0f;
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
     if (lane == 0) shared[0] = value;

@@ -8,10 +8,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import anygpt_engine.ops.sampling as sampling_ops
 
 
 class _Graph:
     capturing = None
+    captures = []  # each capture's options (stream, capture_error_mode, ...), for the tests
 
     def __init__(self):
         self.step = None
@@ -20,18 +24,54 @@ class _Graph:
         self.step()
 
 
+class HostSyncInCapture(RuntimeError):
+    pass
+
+
+class _NoHostSync(TorchDispatchMode):
+    """Raises on the ops that read device values on the host (a CUDA graph capture fails on
+    them): .item(), bool(tensor), indexing by a 0-d tensor, nonzero, masked_select."""
+
+    SYNCING = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::masked_select"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.SYNCING:
+            raise HostSyncInCapture(f"{func._schema.name} reads a device value on the host inside a graph capture")
+        return func(*args, **(kwargs or {}))
+
+
+def _tolist_in_capture(self):
+    raise HostSyncInCapture("Tensor.tolist() reads device values on the host inside a graph capture")
+
+
 @contextlib.contextmanager
 def _capture(graph, pool=None, **options):
+    """Runs the captured body as a capture would let it: no host reads of device values. The
+    sampler's value checks are exempt: on a GPU they are off (they run on CPU tensors only)."""
     _Graph.capturing = graph
+    _Graph.captures.append(options)
+    check_values, tolist = sampling_ops._check_values, torch.Tensor.tolist
+
+    def unguarded_check_values(*args):
+        with torch.utils._python_dispatch._disable_current_modes():
+            torch.Tensor.tolist = tolist
+            try:
+                return check_values(*args)
+            finally:
+                torch.Tensor.tolist = _tolist_in_capture
+
+    sampling_ops._check_values, torch.Tensor.tolist = unguarded_check_values, _tolist_in_capture
     try:
-        yield
+        with _NoHostSync():
+            yield
     finally:
+        sampling_ops._check_values, torch.Tensor.tolist = check_values, tolist
         _Graph.capturing = None
 
 
 class _Stream:
     def __init__(self, device=None):
-        pass
+        self.device = torch.device(device) if device is not None else None
 
     def wait_stream(self, other):
         pass
@@ -42,7 +82,8 @@ def patch_cuda(setattr_) -> None:
     monkeypatch.setattr, or plain setattr in a worker process)."""
     for name, value in (("graph_pool_handle", lambda: None), ("Stream", _Stream), ("current_stream", _Stream),
                         ("stream", lambda stream: contextlib.nullcontext()), ("CUDAGraph", _Graph),
-                        ("graph", _capture), ("synchronize", lambda device=None: None)):
+                        ("graph", _capture), ("synchronize", lambda device=None: None),
+                        ("device", lambda device: contextlib.nullcontext())):
         setattr_(torch.cuda, name, value)
 
 

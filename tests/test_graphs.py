@@ -8,7 +8,7 @@ import torch
 from anygpt_engine import Engine, ModelConfig, SamplingParams, Vocabulary
 from anygpt_engine.runtime.graphs import DecodeInputs, bucket_for, buckets
 from anygpt_engine.vocab import ModalitySpan
-from graph_stand_in import patch_cuda, stand_in_graphs
+from graph_stand_in import _Graph, patch_cuda, stand_in_graphs
 
 
 def test_buckets_are_powers_of_two_up_to_the_limit():
@@ -70,8 +70,11 @@ def test_graph_replay_gives_eager_tokens(monkeypatch):
     expected = eager.generate(prompts, params)
     graphed = Engine(config, **engine)
     patch_cuda(monkeypatch.setattr)
-    stand_in_graphs(graphed)
+    _Graph.captures.clear()
+    stand_in_graphs(graphed)  # and no capture reads a device value on the host
     assert len(graphed.graphs) == 4 * 2
+    # each on a stream of the engine's device (torch's default capture stream may be another device's)
+    assert [options["stream"].device for options in _Graph.captures] == [torch.device("cpu")] * 8
     assert graphed.generate(prompts, params) == expected
     assert graphed.head_rows_read == eager.head_rows_read < 640 * sum(len(o) - 1 for o in expected)
     used = graphed.graphs.used

@@ -335,8 +335,37 @@ def test_graph_plumbing_with_a_stand_in_graph(monkeypatch):
     assert net.captured_graphs == [(1, 8)]  # the old graphs held the old weights
 
 
+def test_graphs_need_varlen_attention_on_a_kernel(model, monkeypatch):
+    """The torch reference of varlen attention reads run lengths on the host, which a capture
+    cannot hold: forcing it (ANYGPT_BACKEND) leaves a CUDA model's generate eager."""
+    cuda = torch.device("cuda")
+    assert model._paths(cuda, None, None, None) == (True, True, model.frame_bucket)
+    monkeypatch.setenv("ANYGPT_BACKEND", "varlen_attention=torch")
+    assert model._paths(cuda, None, None, None) == (True, False, model.frame_bucket)
+    with pytest.raises(ValueError, match="varlen attention on a kernel"):
+        model._paths(cuda, None, True, None)
+
+
+def test_capture_runs_on_the_models_device_thread_local(monkeypatch):
+    """A server captures SoundStorm while its engine thread decodes: the capture must be
+    thread_local (a global one turns the other thread's allocations into errors) and on a stream
+    of the model's own device, never reading device values on the host."""
+    from anygpt_engine.models import soundstorm as module
+    from graph_stand_in import _Graph, patch_cuda
+
+    net = SoundStorm(SMALL)
+    pass_ = module._GraphPass(net, 1, 16, torch.device("cpu"))
+    monkeypatch.setattr(net, "forward_fast", lambda codes, semantic, lengths, out: out.copy_(out.exp()))
+    patch_cuda(monkeypatch.setattr)
+    _Graph.captures.clear()
+    pass_.capture(net)
+    [options] = _Graph.captures
+    assert options["capture_error_mode"] == "thread_local" and options["stream"].device == torch.device("cpu")
+    assert pass_.graph is not None
+
+
 def test_generate_path_arguments(model):
-    with pytest.raises(ValueError, match=r"cuda_graphs=True needs fast=True and the model on a CUDA device"):
+    with pytest.raises(ValueError, match=r"cuda_graphs=True needs fast=True, the model on a CUDA device"):
         model.generate([[1, 2]], cuda_graphs=True, fast=True)
     with pytest.raises(ValueError, match=r"frame_bucket=0, expected a positive int"):
         model.generate([[1, 2]], frame_bucket=0)

@@ -170,3 +170,25 @@ def test_speech_streams_from_the_engine_while_it_generates(speech1024):
     assert not engine.has_unfinished() and stats.running == 0 and stats.used_blocks == 0
     whole = torch.cat(list(speech.stream(stream_tokens(engine, prompt, params), config=StreamConfig(64))))
     assert torch.equal(whole, speech.synthesize(reply_ids))
+
+
+def test_servers_capture_soundstorm_graphs_up_front(monkeypatch):
+    """Where SoundStorm replays graphs, a SpeechIO captures every frame bucket of a reply of up to
+    500 frames after its longest voice when it is made, not during a request's first audio."""
+    from anygpt_engine.serving.speech import SpeechIO
+
+    storm, tokenizer = small_speech_models(codebook_size=CODES, seed=3)
+    pipeline = SpeechPipeline(storm, tokenizer)
+    captured = []
+    monkeypatch.setattr(storm, "capture_graphs", lambda batches, frames: captured.append((batches, list(frames))))
+    voices = {"short": torch.zeros(40, 8, dtype=torch.long), "long": torch.zeros(150, 8, dtype=torch.long)}
+    SpeechIO(tokenizer, pipeline, voices=voices)
+    assert captured == []  # on the CPU generate runs eagerly
+    monkeypatch.setattr(SoundStorm, "graphs_by_default", property(lambda self: True))
+    SpeechIO(tokenizer, pipeline, voices=voices)
+    bucket = storm.frame_bucket
+    assert captured == [((1,), list(range(bucket, -(-650 // bucket) * bucket + 1, bucket)))]
+    SpeechIO(tokenizer, pipeline)
+    assert captured[-1][1][-1] == -(-500 // bucket) * bucket
+    with pytest.raises(ValueError, match="reply_frames=0, expected a positive int"):
+        pipeline.capture_graphs(reply_frames=0)

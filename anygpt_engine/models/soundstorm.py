@@ -333,8 +333,9 @@ class SoundStorm(nn.Module):
         up front, largest first (generate otherwise captures each on first use). Returns the
         seconds spent; graph_capture_seconds keeps the total."""
         device = self.code_embed.weight.device
-        if device.type != "cuda":
-            raise RuntimeError(f"capture_graphs needs the model on a CUDA device, it is on {device}")
+        if not self.graphs_by_default:
+            raise RuntimeError(f"capture_graphs needs the model on a CUDA device and varlen attention on a kernel "
+                               f"(the model is on {device})")
         for name, values in (("batch_sizes", batch_sizes), ("frames", frames)):
             if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
                 raise ValueError(f"{name}={values!r}, expected positive ints")
@@ -343,6 +344,12 @@ class SoundStorm(nn.Module):
         for key in sorted(keys, key=lambda k: (k[0] * k[1], k), reverse=True):
             self._graph_pass(*key).capture(self)
         return time.perf_counter() - start
+
+    @property
+    def graphs_by_default(self) -> bool:
+        """Whether generate replays CUDA graphs unless told otherwise (the fast path on CUDA with
+        varlen attention on a kernel)."""
+        return self._paths(self.code_embed.weight.device, None, None, None)[1]
 
     def release_graphs(self) -> None:
         """Drops every captured graph, its static buffers and the fast path's weight copies."""
@@ -488,11 +495,13 @@ class SoundStorm(nn.Module):
             if value is not None and not isinstance(value, bool):
                 raise TypeError(f"{name}={value!r}, expected None, True or False")
         fast = on_cuda if fast is None else fast
+        graph_safe = fast and on_cuda and attention_ops.varlen_attention_face(device) != "torch"
         if cuda_graphs is None:
-            cuda_graphs = fast and on_cuda
-        elif cuda_graphs and not (fast and on_cuda):
-            raise ValueError(f"cuda_graphs=True needs fast=True and the model on a CUDA device (fast={fast}, "
-                             f"device={device})")
+            cuda_graphs = graph_safe
+        elif cuda_graphs and not graph_safe:
+            raise ValueError(f"cuda_graphs=True needs fast=True, the model on a CUDA device and varlen attention on a "
+                             f"kernel (fast={fast}, device={device}; ANYGPT_BACKEND forcing the torch reference "
+                             "leaves it eager)")
         bucket = frame_bucket if frame_bucket is not None else (self.frame_bucket if fast else 1)
         if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
             raise ValueError(f"frame_bucket={bucket!r}, expected a positive int")
@@ -628,7 +637,12 @@ class _GraphPass:
                 model.forward_fast(self.codes, self.semantic, self.lengths, out=self.logits)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=model._graph_pool):
+        # On a stream of the model's device (torch's default capture stream belongs to the device
+        # current at the process's first capture), and thread_local: a server captures while its
+        # engine thread keeps decoding, whose allocations a global capture would turn into errors.
+        capture = torch.cuda.Stream(device)
+        with torch.cuda.device(device), torch.cuda.graph(graph, pool=model._graph_pool, stream=capture,
+                                                         capture_error_mode="thread_local"):
             model.forward_fast(self.codes, self.semantic, self.lengths, out=self.logits)
         torch.cuda.synchronize(device)
         self.graph = graph

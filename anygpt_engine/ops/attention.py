@@ -15,8 +15,9 @@
 
 Faces: the torch reference (float32 math; the CPU path and oracle), Triton, and CUDA C++ for
 decode and the RoPE append; ops.backend.choose picks, in the order the tuning table lists.
-The decode and append references are graph-safe; the varlen reference loops over sequences
-on the host (prefill is never captured).
+The decode and append references are graph-safe (no host reads: the engine's decode graphs
+can hold them); the varlen reference loops over sequences on the host, so a graph holding
+varlen attention (SoundStorm's) needs the Triton face.
 """
 
 from __future__ import annotations
@@ -91,7 +92,9 @@ def rope_kv_append_reference(q, k, v, positions, slot_mapping, k_cache, v_cache,
     hits_zero = valid & (slots == 0)
     for cache, new in ((k_cache, k), (v_cache, v)):
         rows = cache.view(-1, *cache.shape[2:])
-        slot_zero = torch.where(hits_zero.any(), new[hits_zero.int().argmax()], rows[0])
+        # index_select, not new[tensor]: indexing by a 0-d tensor reads it on the host (a sync)
+        first_hit = new.index_select(0, hits_zero.int().argmax().view(1))[0]
+        slot_zero = torch.where(hits_zero.any(), first_hit, rows[0])
         rows.index_copy_(0, slots, new.contiguous())
         rows[0] = slot_zero
 
@@ -190,6 +193,12 @@ def varlen_attention_reference(q, k, v, cu_seqlens_q, causal, scale, kv_lens=Non
     return out
 
 
+def varlen_attention_face(device: torch.device, backend: str | None = None) -> str:
+    """The face varlen_attention runs on `device`. The torch reference reads the run lengths
+    on the host, so a CUDA graph can hold the kernel face only."""
+    return _backend.choose("varlen_attention", device, backend, ("triton",), ("torch", "triton"))
+
+
 def varlen_attention(q, k, v, cu_seqlens_q, max_q_len: int, *, causal: bool = True, kv_lens=None,
                      block_tables=None, cu_seqlens_k=None, scale: float | None = None, out=None,
                      backend: str | None = None) -> torch.Tensor:
@@ -233,7 +242,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, max_q_len: int, *, causal: bool = Tr
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor on {q.device}")
-    face = _backend.choose("varlen_attention", q.device, backend, ("triton",), ("torch", "triton"))
+    face = varlen_attention_face(q.device, backend)
     if face == "torch":
         return out.copy_(varlen_attention_reference(q, k, v, cu_seqlens_q, causal, scale, kv_lens, block_tables,
                                                     cu_seqlens_k))

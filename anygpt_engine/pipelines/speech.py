@@ -140,6 +140,16 @@ class SpeechPipeline:
             raise ValueError("voice has no frames, expected codes [P >= 1, 8] from voice_prompt()")
         return voice
 
+    def capture_graphs(self, voice: torch.Tensor | None = None, reply_frames: int = 500) -> float:
+        """Captures SoundStorm's CUDA graphs for every frame bucket that a reply of up to
+        `reply_frames` frames (500: 10 s) meets, whole or streamed, after `voice` as its prompt;
+        a server calls it at start-up so no request pays for a capture. Returns the seconds spent."""
+        if isinstance(reply_frames, bool) or not isinstance(reply_frames, int) or reply_frames < 1:
+            raise ValueError(f"reply_frames={reply_frames!r}, expected a positive int")
+        longest = (0 if voice is None else self._check_prompt(voice).shape[0]) + reply_frames
+        bucket = self.soundstorm.frame_bucket
+        return self.soundstorm.capture_graphs((1,), range(bucket, longest + bucket, bucket))
+
     def synthesize(self, replies, voice: torch.Tensor | None = None):
         """16 kHz float32 wav of a reply's speech ids (a list of ints or a 1-D tensor), or a list
         of wavs for a list of replies (batched through SoundStorm)."""

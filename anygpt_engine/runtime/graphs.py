@@ -80,7 +80,7 @@ class DecodeInputs:
         staging[4 * batch + 2:].view(batch, width)[:n, :w] = host.block_tables
         self._flat.copy_(staging, non_blocking=True)
         if self._copied is not None:
-            self._copied.record()
+            self._copied.record(torch.cuda.current_stream(self._flat.device))
 
 
 class DecodeGraphs:
@@ -96,8 +96,12 @@ class DecodeGraphs:
         self._graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, DecodeInputs, tuple]] = {}
         self.used: set[tuple[int, int]] = set()
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        with nvtx_range("anygpt/graph_capture"):
+        # Captured on a stream of the engine's own device, with that device current: torch's
+        # default capture stream belongs to whichever device was current at the process's first
+        # capture, and kernels on another device's stream would leave the graphs empty.
+        with torch.cuda.device(device), nvtx_range("anygpt/graph_capture"):
+            pool = torch.cuda.graph_pool_handle()
+            capture = torch.cuda.Stream(device)
             # Largest first, so the shared pool is sized once by the biggest graph.
             for batch in reversed(batch_sizes):
                 for width in reversed(widths):
@@ -108,10 +112,10 @@ class DecodeGraphs:
                         step_fn(inputs)  # warm-up: lazy initialisation stays out of the graph
                     torch.cuda.current_stream(device).wait_stream(side)
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool, capture_error_mode=capture_error_mode):
+                    with torch.cuda.graph(graph, pool=pool, stream=capture, capture_error_mode=capture_error_mode):
                         out = step_fn(inputs)
                     self._graphs[(batch, width)] = (graph, inputs, out)
-        torch.cuda.synchronize(device)
+            torch.cuda.synchronize(device)
         self.capture_seconds = time.perf_counter() - start
 
     def __len__(self) -> int:

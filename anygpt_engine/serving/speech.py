@@ -71,6 +71,11 @@ class SpeechIO:
         self.voices = dict(voices or {})
         self.vocab = vocab
         self._lock = threading.Lock()
+        if pipeline is not None and pipeline.soundstorm.graphs_by_default:
+            # SoundStorm's graphs now, not on a request's first audio (the longest voice's buckets
+            # cover the shorter voices').
+            longest = max([voice, *self.voices.values()], key=lambda v: 0 if v is None else v.shape[0])
+            pipeline.capture_graphs(longest)
 
     def voice_prompt(self, name: str | None) -> torch.Tensor | None:
         """The voice prompt a request's voice name picks. Without named voices every name (OpenAI's

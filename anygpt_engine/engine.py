@@ -180,6 +180,7 @@ class Engine:
         self.vocab = vocab
         self.constraint = ModalityConstraint.build(Vocabulary(config.vocab_size, vocab.spans, vocab.special),
                                                    self.device, enabled=constrain_modalities)
+        self._every_head_row = torch.tensor([0, config.vocab_size], device=self.device)  # (first, count)
         self._seeds = random.Random(seed)
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -290,10 +291,10 @@ class Engine:
     def logits(self, prompt_ids) -> torch.Tensor:
         """float32 logits [len, vocab] of every prompt position (position i predicts token i+1).
         Uses a private cache, so it never disturbs running requests."""
-        return self.model.logits(self._prompt_states(self._prompt("prompt_ids", prompt_ids)))
+        return self.model.head(self._prompt_states(self._prompt("prompt_ids", prompt_ids)), self._every_head_row)
 
     def _prompt_states(self, prompt: list[int]) -> torch.Tensor:
-        """The final hidden states [len, hidden] of a checked prompt, through a private cache."""
+        """The hidden states [len, hidden] of a checked prompt (for model.head), through a private cache."""
         n = len(prompt)
         num_blocks = -(-n // self.block_size)
         kv = PagedKVCache(self.model.config, num_blocks + 1, self.block_size, self.device, self.dtype)
@@ -499,7 +500,7 @@ class Engine:
                     finished.append(request)
             if not finished:
                 return [], None
-            return finished, self.model.logits(h[0, torch.tensor(last, device=device)])
+            return finished, self.model.head(h[0, torch.tensor(last, device=device)], self._every_head_row)
 
     def _decode_forward(self, inputs: DecodeInputs,
                         work: SamplerWork | None = SamplerWork.ALL) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -507,7 +508,7 @@ class Engine:
         Returns the sampled ids and the float32 logits (beam search reads its rows'); work
         None skips the sampler (an eager step whose rows are all beams)."""
         x = self.model(inputs.tokens.unsqueeze(1), inputs.positions.unsqueeze(1), self.kv_cache.layers,
-                       inputs.slot_mapping.unsqueeze(1), inputs.block_tables, final_norm=False)
+                       inputs.slot_mapping.unsqueeze(1), inputs.block_tables)
         logits = self.model.head(x[:, -1], inputs.head_rows)
         if work is None:
             return None, logits
@@ -600,7 +601,7 @@ class Engine:
         out = [None]
         for start in range(0, len(prompt) - 1, rows_per_chunk):
             end = min(start + rows_per_chunk, len(prompt) - 1)
-            out += self._token_logprobs(self.model.logits(hidden[start:end]), states[start:end],
+            out += self._token_logprobs(self.model.head(hidden[start:end], self._every_head_row), states[start:end],
                                         prompt[start + 1:end + 1], [top] * (end - start))
         return out
 

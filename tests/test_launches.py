@@ -41,7 +41,7 @@ def _decode_step(num_layers: int, batch: int):
     tables = torch.arange(1, 1 + batch)[:, None]
     slots = tables * 16 + 9
     with torch.inference_mode(), ops.count_launches() as launches, _Dispatched() as dispatched:
-        model(tokens, positions, kv.layers, slots, tables, final_norm=False)
+        model(tokens, positions, kv.layers, slots, tables)
     kernels = Counter(op for op in dispatched.ops if op not in _NO_KERNEL)
     return launches, kernels
 
@@ -101,10 +101,10 @@ def test_decode_step_runs_six_device_kernels_per_layer_on_a_gpu(monkeypatch, lin
         args = [torch.tensor([[5]]), torch.tensor([[9]]), kv.layers, torch.tensor([[25]]), torch.tensor([[1]])]
         args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
         with torch.inference_mode():
-            model(*args, final_norm=False)  # compiles the Triton kernels
+            model(*args)  # compiles the Triton kernels
             torch.cuda.synchronize()
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                model(*args, final_norm=False)
+                model(*args)
                 torch.cuda.synchronize()
         return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 

@@ -27,7 +27,7 @@ from anygpt_engine.runtime.kv_cache import PagedKVCache
 
 _HEADER = 16
 _REPLAY_INPUTS = ("tokens", "positions", "slot_mapping", "block_tables", "slots", "head_rows")
-STOP, FORWARD, LOGITS, HEAD, COPY_BLOCKS, REPLAY = range(6)
+STOP, FORWARD, HEAD, COPY_BLOCKS, REPLAY = range(5)
 
 
 class _Channel:
@@ -83,23 +83,20 @@ class Leader(_Channel):
 
     def publish(self, method: str, *args) -> None:
         if method == "forward":
-            tokens, positions, kv_layers, slot_mapping, block_tables, final_norm, runs = args
+            tokens, positions, kv_layers, slot_mapping, block_tables, runs = args
             b, s = tokens.shape
             main = kv_layers is self.engine.kv_cache.layers
-            header = [FORWARD, b, s, int(final_norm), 0 if main else kv_layers[0].shape[1], *block_tables.shape]
+            header = [FORWARD, b, s, 0 if main else kv_layers[0].shape[1], *block_tables.shape]
             ints = [tokens, positions, slot_mapping, block_tables]
             if runs is not None:
                 header += [runs.cu_seqlens_q.numel() - 1, runs.block_tables.shape[1], runs.max_q_len, int(runs.fresh)]
                 ints += [runs.cu_seqlens_q, runs.kv_lens, runs.block_tables]
             self._send(header, ints)
-        elif method == "logits":
-            (h,) = args
-            self._send([LOGITS, *h.shape], [], _bytes(h))
         elif method == "head":
             x, rows = args
             self._send([HEAD, *x.shape], [rows], _bytes(x))
         else:
-            raise ValueError(f"method={method!r}, expected 'forward', 'logits' or 'head'")
+            raise ValueError(f"method={method!r}, expected 'forward' or 'head'")
 
     def stop(self) -> None:
         """Releases the followers (they return from follow()) and detaches from the engine."""
@@ -134,12 +131,11 @@ class _Follower(_Channel):
                 self._forward(header, device)
             elif op == REPLAY:
                 self._replay(header)
-            elif op in (LOGITS, HEAD):
+            elif op == HEAD:
                 n = header[1]
-                rows = self.recv(2).to(device) if op == HEAD else None
+                rows = self.recv(2).to(device)
                 raw = self.recv(n * hidden * dtype.itemsize, torch.uint8)
-                x = raw.view(dtype).view(n, hidden).to(device)
-                model.logits(x) if op == LOGITS else model.head(x, rows)
+                model.head(raw.view(dtype).view(n, hidden).to(device), rows)
             else:
                 raise RuntimeError(f"tensor-parallel rank {self.shard.rank}: unknown step-plan op {op} from rank 0")
 
@@ -154,8 +150,8 @@ class _Follower(_Channel):
 
     def _forward(self, header: list[int], device) -> None:
         engine = self.engine
-        _, b, s, final_norm, cache_blocks, bt_rows, bt_cols = header[:7]
-        n_runs, run_width, max_q_len, fresh = header[7:11]
+        _, b, s, cache_blocks, bt_rows, bt_cols = header[:6]
+        n_runs, run_width, max_q_len, fresh = header[6:10]
         sizes = [b * s, b * s, b * s, bt_rows * bt_cols]
         if n_runs:
             sizes += [n_runs + 1, n_runs, n_runs * run_width]
@@ -169,7 +165,7 @@ class _Follower(_Channel):
             layers = PagedKVCache(engine.model.config, cache_blocks, engine.block_size, device, engine.dtype).layers
         else:
             layers = engine.kv_cache.layers
-        engine.model(tokens, positions, layers, slot_mapping, block_tables, final_norm=bool(final_norm), runs=runs)
+        engine.model(tokens, positions, layers, slot_mapping, block_tables, runs=runs)
 
 
 def follow(engine) -> None:

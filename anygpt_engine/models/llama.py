@@ -168,13 +168,12 @@ class Llama(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_layers: list[torch.Tensor],
-                slot_mapping: torch.Tensor, block_tables: torch.Tensor, final_norm: bool = True,
+                slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                 runs: PrefillRuns | None = None) -> torch.Tensor:
         """Hidden states [B, S, H] of `tokens` [B, S] at `positions` [B, S], with the paged cache
         `kv_layers` (one tensor per layer) read and written in place. S == 1 is a decode step;
         S > 1 a prefill chunk of one sequence (B == 1), or of several packed as `runs` (then
-        block_tables is unused). final_norm=False returns the states before the final RMSNorm,
-        for `head`, which fuses it."""
+        block_tables is unused). The states are those before the final RMSNorm: `head` fuses it."""
         c = self.config
         b, s = tokens.shape
         kv_lens = positions[:, -1] + 1  # each row's context after this step (shared by every layer)
@@ -191,18 +190,11 @@ class Llama(nn.Module):
                 self.attention(block, residual, positions, kv_layers[i], slot_mapping, block_tables, kv_lens, runs)
             with nvtx_range("anygpt/op/mlp"):
                 self.feed_forward(block, residual)
-        if not final_norm:
-            return residual
-        with nvtx_range("anygpt/op/rms_norm"):
-            return ops.rms_norm(residual, self.norm, c.rms_norm_eps)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """float32 logits of final-normed hidden states."""
-        with nvtx_range("anygpt/op/lm_head"):
-            return F.linear(h, self.lm_head).float()
+        return residual
 
     def head(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """float32 logits [B, V] of pre-norm hidden states x [B, H] (forward(final_norm=False)),
-        reading only the vocabulary rows (first, count) in `rows`; the others are -inf."""
+        """float32 logits [B, V] of hidden states x [B, H] from forward (the final RMSNorm fused),
+        reading only the vocabulary rows (first, count) in `rows`; the others are -inf. Prefill,
+        decode and scoring all take this one head: float32 sums, never rounded to the model's dtype."""
         with nvtx_range("anygpt/op/lm_head"):
             return lm_head(x, self.norm, self.config.rms_norm_eps, self.lm_head, rows=rows)

@@ -308,14 +308,10 @@ class TensorParallelLlama(Llama):
         add (a fused add would count the residual once per rank)."""
         residual.add_(self.shard.all_reduce(ops.linear(x, weight)))
 
-    def forward(self, tokens, positions, kv_layers, slot_mapping, block_tables, final_norm: bool = True,
+    def forward(self, tokens, positions, kv_layers, slot_mapping, block_tables,
                 runs: PrefillRuns | None = None) -> torch.Tensor:
-        self._publish("forward", tokens, positions, kv_layers, slot_mapping, block_tables, final_norm, runs)
-        return super().forward(tokens, positions, kv_layers, slot_mapping, block_tables, final_norm, runs)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        self._publish("logits", h)
-        return self.shard.all_gather_vocab(super().logits(h))
+        self._publish("forward", tokens, positions, kv_layers, slot_mapping, block_tables, runs)
+        return super().forward(tokens, positions, kv_layers, slot_mapping, block_tables, runs)
 
     def head(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Vocabulary-parallel `Llama.head`: `rows` (first, count) of the whole vocabulary,

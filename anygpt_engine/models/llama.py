@@ -195,6 +195,6 @@ class Llama(nn.Module):
     def head(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """float32 logits [B, V] of hidden states x [B, H] from forward (the final RMSNorm fused),
         reading only the vocabulary rows (first, count) in `rows`; the others are -inf. Prefill,
-        decode and scoring all take this one head: float32 sums, never rounded to the model's dtype."""
+        decode and scoring all take this one head, so a position's logits never depend on the path."""
         with nvtx_range("anygpt/op/lm_head"):
             return lm_head(x, self.norm, self.config.rms_norm_eps, self.lm_head, rows=rows)

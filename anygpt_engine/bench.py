@@ -5,7 +5,9 @@ engine with every op on its torch reference face, both in the same process.
 Reported: time to first token (prefill of the whole batch plus the first sample), decode
 tokens/s, ms per decode step p50/p99, bytes read per decode step (weights; KV cache), the
 achieved GB/s and its fraction of this device's copy bandwidth measured in the same run,
-and on a GPU its name, clocks, power and memory from NVML.
+the faces each op ran (CUDA C++, Triton or torch, as the dispatch chose them from the engine's
+construction, its warm-up and graph captures included, to the end of the timed run) and whether
+the extension has its CUDA kernels, and on a GPU its name, clocks, power and memory from NVML.
 
 With --quantization MODE the engine runs weight-only quantized, and the unquantized engine on
 the same weights runs the same prompts in the same process: its decode speed, the fraction of
@@ -27,6 +29,8 @@ from pathlib import Path
 import torch
 
 from anygpt_engine.engine import Engine, default_device, resolve_dtype
+from anygpt_engine.ops import backend as ops_backend
+from anygpt_engine.ops._extension import cuda_kernels_missing
 from anygpt_engine.quantization import quantized_bytes
 from anygpt_engine.sampling import SamplingParams
 
@@ -329,23 +333,24 @@ def benchmark(model="auto", weights=None, batch_size=1, prompt_len=128, new_toke
     if "hf" in compare and quantization is not None:
         raise ValueError("compare='hf' runs transformers on the engine's 16-bit weights; with quantization the "
                          "unquantized engine is the comparison (reported without --compare)")
-    load_start = time.perf_counter()
     def make_engine(mode):
         return Engine(model, weights=weights, device=device, dtype=resolve_dtype(dtype) if dtype else None,
                       seed=seed, max_batch_size=batch_size, quantization=mode,
                       tensor_parallel_size=tensor_parallel_size)
 
-    engine = make_engine(quantization)
-    _sync(device)
-    load_s = time.perf_counter() - load_start
-    if tensor_parallel_size == 1:
-        return _measure(engine, load_s, batch_size, prompt_len, new_tokens, compare, seed, progress, modality,
-                        quantization, make_engine)
-    from anygpt_engine.distributed import run
+    with ops_backend.recording() as faces:  # _measure reads it after the timed run
+        load_start = time.perf_counter()
+        engine = make_engine(quantization)
+        _sync(device)
+        load_s = time.perf_counter() - load_start
+        if tensor_parallel_size == 1:
+            return _measure(engine, load_s, batch_size, prompt_len, new_tokens, compare, seed, progress, modality,
+                            quantization, make_engine, faces)
+        from anygpt_engine.distributed import run
 
-    all_reduce_s = all_reduce_seconds(engine, batch_size)  # every rank, before rank 0 leads
-    report = run(engine, lambda e: _measure(e, load_s, batch_size, prompt_len, new_tokens, compare, seed, progress,
-                                            modality, None, None))
+        all_reduce_s = all_reduce_seconds(engine, batch_size)  # every rank, before rank 0 leads
+        report = run(engine, lambda e: _measure(e, load_s, batch_size, prompt_len, new_tokens, compare, seed, progress,
+                                                modality, None, None, faces))
     if report is not None:
         layers = engine.config.num_layers
         report.update({"tensor_parallel_size": tensor_parallel_size, "all_reduce_us": all_reduce_s * 1e6,
@@ -375,9 +380,10 @@ def all_reduce_seconds(engine: Engine, batch_size: int, repeats: int = 50) -> fl
 
 
 def _measure(engine: Engine, load_s: float, batch_size: int, prompt_len: int, new_tokens: int, compare, seed: int,
-             progress: bool, modality, quantization, make_engine) -> dict:
+             progress: bool, modality, quantization, make_engine, faces: ops_backend.FaceRecord) -> dict:
     """The report for `engine`; make_engine(mode) builds it again with another quantization
-    (the unquantized comparison and the reference run of a quantized engine)."""
+    (the unquantized comparison and the reference run of a quantized engine). `faces` has
+    recorded the dispatch since the engine was built; it is read before the comparisons run."""
     device = engine.device
     prompts = _prompts(engine, batch_size, prompt_len, seed, modality)
 
@@ -387,6 +393,7 @@ def _measure(engine: Engine, load_s: float, batch_size: int, prompt_len: int, ne
     hits_before = engine.scheduler.blocks.hit_tokens, engine.scheduler.blocks.queried_tokens
     rows_before = engine.head_rows_read
     result = run_engine(engine, prompts, new_tokens, progress)
+    faces_ran = faces.faces()
     head_rows = (engine.head_rows_read - rows_before) / (batch_size * len(result["step_s"]))
     steps = result["step_s"]
     median = statistics.median(steps)
@@ -416,10 +423,13 @@ def _measure(engine: Engine, load_s: float, batch_size: int, prompt_len: int, ne
         "graph_capture_s": stats.graph_capture_s,
         "warm_up_s": engine.warm_up_summary.seconds if engine.warm_up_summary is not None else 0.0,
         "graph_buckets_used": [f"{b}x{w}" for b, w in stats.graph_buckets_used],
+        "faces": faces_ran, "cuda_kernels_built": cuda_kernels_missing() is None,
         "git_sha": git_sha(), "torch": torch.__version__, "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
         **nvml_info(device),
     }
+    if cuda_kernels_missing() is not None:
+        report["cuda_kernels_missing"] = cuda_kernels_missing()
     if quantization is not None:
         report.update(compare_quantized(engine, prompts, result, new_tokens, lambda: make_engine(None)))
     if "reference" in compare:
@@ -457,7 +467,8 @@ _ROWS = [
     ("greedy_tokens_equal_to_unquantized", "{:.1%}"), ("greedy_choices_equal_teacher_forced", "{:.1%}"),
     ("logits_max_abs_error", "{:.4g}"), ("logits_rel_error", "{:.2%}"), ("prefix_cache_hit_rate", "{:.1%}"),
     ("preemptions", "{}"), ("kv_blocks", "{:,}"), ("cuda_graphs", "{}"), ("graph_capture_s", "{:.2f}"),
-    ("warm_up_s", "{:.2f}"), ("graph_buckets_used", "{}"), ("tensor_parallel_size", "{}"), ("all_reduce_us", "{:.1f}"),
+    ("warm_up_s", "{:.2f}"), ("graph_buckets_used", "{}"), ("cuda_kernels_built", "{}"),
+    ("cuda_kernels_missing", "{}"), ("tensor_parallel_size", "{}"), ("all_reduce_us", "{:.1f}"),
     ("all_reduce_ms_per_step", "{:.3f}"), ("all_reduce_fraction_of_step", "{:.1%}"), ("sm_clock_mhz", "{}"),
     ("mem_clock_mhz", "{}"), ("power_w", "{:.0f}"), ("power_limit_w", "{:.0f}"), ("memory_used_gib", "{:.1f}"),
     ("memory_total_gib", "{:.1f}"), ("git_sha", "{}"), ("torch", "{}"),
@@ -469,6 +480,8 @@ def format_table(report: dict) -> str:
     for key, fmt in _ROWS:
         if key in report:
             lines.append(f"{key:<28} {fmt.format(report[key])}")
+        if key == "cuda_kernels_missing":  # beside it, a row per op: the faces it ran
+            lines.extend(f"{'face ' + op:<28} {', '.join(faces)}" for op, faces in report.get("faces", {}).items())
     return "\n".join(lines)
 
 

@@ -17,12 +17,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def bench(tmp_path, monkeypatch):
     (tmp_path / "gemv.json").write_text((tuning._FOLDER / "gemv.json").read_text())
     monkeypatch.setattr(tuning, "_FOLDER", tmp_path)
-    tuning._table.cache_clear()
+    tuning.reload()
     spec = importlib.util.spec_from_file_location("bench_gemv", ROOT / "benchmarks" / "bench_gemv.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     yield module
-    tuning._table.cache_clear()
+    tuning.reload()
 
 
 SHAPES = {"w13": (256, 128, "silu_mul"), "w2": (64, 128, "residual")}

@@ -26,9 +26,9 @@ def scratch_tables(tmp_path, monkeypatch):
     for op in ("rvq", "attention"):
         (tmp_path / f"{op}.json").write_text((tuning._FOLDER / f"{op}.json").read_text())
     monkeypatch.setattr(tuning, "_FOLDER", tmp_path)
-    tuning._table.cache_clear()
+    tuning.reload()
     yield tmp_path
-    tuning._table.cache_clear()
+    tuning.reload()
 
 
 @pytest.mark.parametrize("fastest_tile,fastest_block", [(32, 16), (16, 32)])

@@ -16,9 +16,9 @@ def table_folder(tmp_path, monkeypatch):
     }))
     monkeypatch.setattr(tuning, "_FOLDER", tmp_path)
     monkeypatch.setattr(tuning, "_device_name", lambda device: "NVIDIA H100 80GB HBM3")
-    tuning._table.cache_clear()
+    tuning.reload()
     yield tmp_path
-    tuning._table.cache_clear()
+    tuning.reload()
 
 
 def test_more_specific_gpu_entry_wins_whatever_the_file_order(table_folder):
@@ -27,12 +27,40 @@ def test_more_specific_gpu_entry_wins_whatever_the_file_order(table_folder):
 
 def test_override_applies_inside_the_block_only_and_nests(table_folder):
     dev = torch.device("cpu")
+    assert tuning.params("op", dev) == {"block": 256, "warps": 8}  # memoised before the override
     with tuning.override("op", warps=2):
         assert tuning.params("op", dev) == {"block": 256, "warps": 2}
         with tuning.override("op", block=32):
             assert tuning.params("op", dev) == {"block": 32, "warps": 2}
         assert tuning.params("op", dev) == {"block": 256, "warps": 2}
     assert tuning.params("op", dev) == {"block": 256, "warps": 8}
+
+
+def test_params_are_memoised_read_only_and_equal_the_merged_table(monkeypatch):
+    """The memo returns what merging the table gives (params_for), the same mapping each call,
+    for the CPU and for a GPU name with entries, and callers cannot change it."""
+    tuning.reload()
+    names = {torch.device("cpu"): "cpu", torch.device("cuda", 5): "NVIDIA H100 80GB HBM3"}
+    monkeypatch.setattr(tuning, "_device_name", names.__getitem__)
+    try:
+        for path in sorted(tuning._FOLDER.glob("*.json")):
+            for device, name in names.items():
+                first = tuning.params(path.stem, device)
+                assert first == tuning.params_for(path.stem, name), (path.stem, name)
+                assert tuning.params(path.stem, device) is first
+                with pytest.raises(TypeError):
+                    first["anything"] = 1
+    finally:
+        tuning.reload()
+
+
+def test_reload_reads_a_changed_file(table_folder):
+    dev = torch.device("cpu")
+    assert tuning.params("op", dev)["warps"] == 8
+    (table_folder / "op.json").write_text(json.dumps({"default": {"block": 64, "warps": 2}}))
+    assert tuning.params("op", dev)["warps"] == 8  # read once
+    tuning.reload()
+    assert tuning.params("op", dev) == {"block": 64, "warps": 2}
 
 
 def test_override_rejects_unknown_parameters(table_folder):

@@ -11,29 +11,44 @@ FLOAT_TYPES = tuple(_DTYPE_CODES)
 
 
 @functools.lru_cache(maxsize=None)
-def extension():
-    """The compiled module; ImportError with a rebuild hint when it is missing."""
+def _import():
+    """The module, or the ImportError its import raised: cached either way, so a broken install
+    costs one failed import, not one per op call (lru_cache alone does not cache exceptions)."""
     try:
         from anygpt_engine import _C
-    except ImportError as err:  # pragma: no cover - only on a broken install
-        raise ImportError(
-            "anygpt_engine._C is not built; reinstall with `pip install -e .` "
-            f"(or `pip install --no-build-isolation --no-deps -e .` offline): {err}"
-        ) from err
+    except ImportError as err:
+        return err
     return _C
 
 
+def extension():
+    """The compiled module; ImportError with a rebuild hint when it is missing."""
+    loaded = _import()
+    if isinstance(loaded, ImportError):
+        raise ImportError(
+            "anygpt_engine._C is not built; reinstall with `pip install -e .` "
+            f"(or `pip install --no-build-isolation --no-deps -e .` offline): {loaded}"
+        ) from loaded
+    return loaded
+
+
 def has_extension() -> bool:
-    try:
-        extension()
-    except ImportError:
-        return False
-    return True
+    return not isinstance(_import(), ImportError)
 
 
 def cuda_kernels_built() -> bool:
     """True when the extension was compiled with its CUDA kernels."""
-    return has_extension() and bool(extension().built_with_cuda)
+    return has_extension() and bool(_import().built_with_cuda)
+
+
+def cuda_kernels_missing() -> str | None:
+    """Why the CUDA kernels cannot run (None when they can): the failed import or a CPU-only build."""
+    loaded = _import()
+    if isinstance(loaded, ImportError):
+        return f"anygpt_engine._C failed to import ({loaded})"
+    if not loaded.built_with_cuda:
+        return "anygpt_engine._C was built without CUDA kernels"
+    return None
 
 
 def dtype_code(name: str, tensor: torch.Tensor) -> int:

@@ -178,12 +178,12 @@ def _face(op: str, x2, weight, m: int, backend: str | None, rope: bool = False) 
     if face == "torch":
         return face
     if not isinstance(weight, QuantizedWeight) and m > params["max_m"]:
-        return "cublas"
+        return _backend.ran_instead(op, face, "cublas")
     if face == "cuda" and not _cuda_supports(x2, weight, m):
         if backend == "cuda":
             raise ValueError(f"backend='cuda' for {op}: the CUDA GEMV takes M <= {CUDA_MAX_M} rows and K a multiple "
                              f"of its 16-byte vectors, got M={m}, K={x2.shape[1]}")
-        return "triton"
+        return _backend.ran_instead(op, face, "triton")
     return face
 
 
@@ -429,7 +429,8 @@ def linear_rope_kv_append(x: torch.Tensor, weight, positions: torch.Tensor, slot
     x2 = as_rows(x)
     face = _face("linear_rope_kv_append", x2, weight, m, backend, rope=True)
     if face == "triton" and not _rope_tile_ok(tuning.params("gemv", x.device), head_dim, m):
-        face = "cublas" if not isinstance(weight, QuantizedWeight) else "triton_unfused"
+        face = _backend.ran_instead("linear_rope_kv_append", face,
+                                    "cublas" if not isinstance(weight, QuantizedWeight) else "triton_unfused")
     if face == "torch":
         return q_out.copy_(linear_rope_kv_append_reference(x, weight, positions, slot_mapping, k_cache, v_cache,
                                                            inv_freq, num_heads, norm_weight, eps))

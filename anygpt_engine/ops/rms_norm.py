@@ -70,7 +70,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, residual: tor
         if backend == "triton":
             raise ValueError(f"x.shape[-1]={x.shape[-1]}: the Triton rms_norm holds a row in registers, "
                              f"expected <= {MAX_TRITON_HIDDEN}")
-        face = "cuda" if _backend.cuda_kernels_built() else "torch"
+        face = _backend.ran_instead("rms_norm", face, "cuda" if _backend.cuda_kernels_built() else "torch")
     if face == "torch":
         result, new_residual = rms_norm_reference(x, weight, eps, residual)
         if residual is not None:

@@ -64,7 +64,7 @@ def _face(op, device, backend, width, limit=MAX_TRITON_DIM):
     if face == "triton" and width > limit:
         if backend == "triton":
             raise ValueError(f"{op}: width {width} exceeds the Triton kernel's {limit} (held in registers)")
-        face = "torch"
+        face = _backend.ran_instead(op, face, "torch")
     return face
 
 

@@ -5,6 +5,9 @@ Every GPU entry whose key occurs in the device name overrides the default's keys
 last.
 benchmarks/ tuning scripts write these files (write_gpu_entry) after timing candidates under
 override(); code never hard-codes block sizes.
+
+params(op, device) runs on every op call, so its merged result is memoised per (op, device);
+override(), write_gpu_entry() and reload() clear the memo.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import types
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -35,11 +40,23 @@ def _device_name(device: torch.device) -> str:
 
 
 _overrides: dict[str, dict] = {}
+_memo: dict[tuple[str, torch.device], Mapping] = {}
 
 
-def params(op: str, device: torch.device) -> dict:
-    """Tuned launch parameters of `op` on `device` (with any active override() on top)."""
-    return params_for(op, _device_name(device))
+def params(op: str, device: torch.device) -> Mapping:
+    """Tuned launch parameters of `op` on `device` (with any active override() on top), read-only:
+    the same mapping is returned until the table or an override changes."""
+    try:
+        return _memo[op, device]
+    except KeyError:
+        chosen = _memo[op, device] = types.MappingProxyType(params_for(op, _device_name(device)))
+        return chosen
+
+
+def reload() -> None:
+    """Reads the tables from _FOLDER again on the next params() (after the files or _FOLDER change)."""
+    _table.cache_clear()
+    _memo.clear()
 
 
 def params_for(op: str, name: str) -> dict:
@@ -63,6 +80,7 @@ def override(op: str, **values):
         raise KeyError(f"{op} tuning has no parameters {sorted(unknown)}")
     previous = _overrides.get(op)
     _overrides[op] = {**(previous or {}), **values}
+    _memo.clear()
     try:
         yield
     finally:
@@ -70,6 +88,7 @@ def override(op: str, **values):
             _overrides.pop(op)
         else:
             _overrides[op] = previous
+        _memo.clear()
 
 
 def write_gpu_entry(op: str, gpu_name: str, values: dict) -> Path:
@@ -78,5 +97,5 @@ def write_gpu_entry(op: str, gpu_name: str, values: dict) -> Path:
     table = json.loads(path.read_text())
     table.setdefault("gpus", {}).setdefault(gpu_name, {}).update(values)
     path.write_text(json.dumps(table, indent=2) + "\n")
-    _table.cache_clear()
+    reload()
     return path

@@ -23,6 +23,7 @@ import itertools
 import math
 import os
 import random
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,17 @@ class EngineStats:
     graphs: int
     graph_capture_s: float
     graph_buckets_used: list  # (batch, block-table width) buckets replayed so far
+
+
+def _padded_rows(rows: list[list[int]], width: int) -> torch.Tensor:
+    """int64 [len(rows), width] of the rows zero-padded, through one flat array: a tensor of a
+    nested list took a millisecond a decode step at batch 32 and 3,500-token contexts."""
+    zeros = [0] * width
+    flat = array("q")
+    for row in rows:
+        flat.extend(row)
+        flat.extend(zeros[:width - len(row)])
+    return torch.frombuffer(flat, dtype=torch.int64).view(len(rows), width)
 
 
 class Engine:
@@ -531,7 +543,7 @@ class Engine:
             tokens=torch.tensor([tokens[-1] for _, tokens, _ in rows]),
             positions=torch.tensor(positions),
             slot_mapping=torch.tensor([self._slot_of(t, p) for t, p in zip(tables, positions)]),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+            block_tables=_padded_rows(tables, width),
             slots=torch.tensor([slot for _, _, slot in rows]),
             head_rows=torch.tensor(self._head_rows(requests)),
         )

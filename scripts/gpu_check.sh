@@ -37,7 +37,8 @@ step() {  # step NAME TIMEOUT_S CMD...: runs CMD with a time limit, logging to O
   [ $rc -eq 0 ] || status=1
   return $rc
 }
-pytest_gpu=(python -m pytest -q -p no:cacheprovider -m "gpu or gpu_path")
+# --durations: the slowest tests in each log, so the next run knows where its minutes go
+pytest_gpu=(python -m pytest -q -p no:cacheprovider --durations=15 -m "gpu or gpu_path")
 sanitize=(compute-sanitizer --tool memcheck --error-exitcode 1 python -m pytest -q -p no:cacheprovider -m gpu)
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader

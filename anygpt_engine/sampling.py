@@ -31,6 +31,8 @@ _ANYGPT_PRESETS = {
 }
 
 
+ANYGPT_PRESETS = tuple(_ANYGPT_PRESETS)  # the names SamplingParams.anygpt takes
+
 MAX_LOGPROBS = 20  # alternatives per token (OpenAI's top_logprobs bound)
 
 

@@ -160,10 +160,10 @@ def _attend_keys(acc, m, l, q, q_pos, row_mask, k_ptr, v_ptr, first, last, kv_le
     return acc, m, l
 
 
-@triton.jit(do_not_specialize=["bt_stride", "num_tiles"])  # vary with the batch: no recompile mid-serving
+@triton.jit(do_not_specialize=["bt_stride", "bt_width", "num_tiles"])  # vary with the batch: no recompile
 def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr, cu_k_ptr, block_tables_ptr,
-                             q_stride, out_stride, kv_token_stride, bt_stride, num_q_heads, num_kv_heads, scale,
-                             num_tiles, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             q_stride, out_stride, kv_token_stride, bt_stride, bt_width, num_q_heads, num_kv_heads,
+                             scale, num_tiles, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              CAUSAL: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
                              PADDED_KEYS: tl.constexpr, TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     head = tl.program_id(0)
@@ -176,7 +176,8 @@ def _varlen_attention_kernel(out_ptr, q_ptr, k_ptr, v_ptr, cu_q_ptr, kv_len_ptr,
     if tile * BLOCK_M >= q_len:
         return
     if PAGED:
-        kv_len = tl.load(kv_len_ptr + seq)
+        # Clamped to the table (as in decode), so a wrong length can never read past the row's block table.
+        kv_len = tl.minimum(tl.load(kv_len_ptr + seq), bt_width * PAGE)
         k_start = 0
     else:
         k_start = tl.load(cu_k_ptr + seq).to(tl.int64)
@@ -222,9 +223,9 @@ def tma_rows_ok(t) -> bool:
 
 def varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, *, kv_lens=None, block_tables=None,
                      cu_seqlens_k=None, block_m=64, block_n=64, num_warps=4, num_stages=2, tma=False):
-    """q, out [Tq, Hq, D]. Paged: k, v are caches [blocks, page, Hkv, D] with kv_lens [B] and
-    block_tables [B, nb]. Contiguous: k, v [Tk, Hkv, D] packed by cu_seqlens_k [B + 1], each run
-    holding kv_lens[b] valid keys when kv_lens is given (key padding), else all of them.
+    """q, out [Tq, Hq, D]. Paged: k, v are caches [blocks, page, Hkv, D] with kv_lens [B] (each
+    clamped to nb * page) and block_tables [B, nb]. Contiguous: k, v [Tk, Hkv, D] packed by
+    cu_seqlens_k [B + 1], each run holding kv_lens[b] valid keys when kv_lens is given (key padding), else all of them.
     tma (packed K/V only; the caller checks tma_rows_ok): K/V tiles arrive by TMA."""
     batch = cu_seqlens_q.shape[0] - 1
     _, num_q_heads, head_dim = q.shape
@@ -243,7 +244,7 @@ def varlen_attention(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, *, kv
         out, q, k, v, cu_seqlens_q, kv_lens if kv_lens is not None else cu_seqlens_q,
         cu_seqlens_k if not paged else cu_seqlens_q, block_tables if paged else cu_seqlens_q,
         q.stride(0), out.stride(0), kv_token_stride, block_tables.stride(0) if paged else 0,
-        num_q_heads, num_kv_heads, scale, num_tiles,
+        block_tables.shape[1] if paged else 0, num_q_heads, num_kv_heads, scale, num_tiles,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, PAGED=paged,
         PAGE=k.shape[1] if paged else 1, PADDED_KEYS=not paged and kv_lens is not None, TMA=tma,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)

@@ -47,17 +47,19 @@ def _inv_rms(x_ptr, x_stride, m, m_mask, K, eps, NORM: tl.constexpr, BLOCK_M: tl
         cols = tl.arange(0, BLOCK_K)
         for start in range(0, K, BLOCK_K):
             c = start + cols
-            xs = tl.load(x_ptr + m[:, None] * x_stride + c[None, :], mask=m_mask[:, None] & (c < K)[None, :],
-                         other=0.0).to(tl.float32)
+            xs = tl.load(x_ptr + m[:, None].to(tl.int64) * x_stride + c[None, :],
+                         mask=m_mask[:, None] & (c < K)[None, :], other=0.0).to(tl.float32)
             inv_rms += tl.sum(xs * xs, axis=1)
-        inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(inv_rms / K + eps))
+        inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(inv_rms, tl.cast(K, tl.float32)) + eps))
     return inv_rms
 
 
 @triton.jit
 def _x_tile(x_ptr, x_stride, m, m_mask, cols, col_mask, inv_rms, norm_ptr, NORM: tl.constexpr):
     """x[m, cols] in x's dtype; with NORM, RMS-normalized: round(w * round(x * inv_rms))."""
-    xs = tl.load(x_ptr + m[:, None] * x_stride + cols[None, :], mask=m_mask[:, None] & col_mask[None, :], other=0.0)
+    # int64 row offsets (as the output's): M * K passes 2^31 in a large quantized prefill
+    xs = tl.load(x_ptr + m[:, None].to(tl.int64) * x_stride + cols[None, :], mask=m_mask[:, None] & col_mask[None, :],
+                 other=0.0)
     if NORM:
         normed = round_to(xs.to(tl.float32) * inv_rms[:, None], xs.dtype).to(tl.float32)
         w = tl.load(norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -227,7 +229,7 @@ def _gemv_kernel(out_ptr, x_ptr, w_ptr, scale_ptr, zero_ptr, norm_ptr, ws_ptr, c
     y = round_to(acc, dtype)
     if EPILOGUE == 2:  # SiLU(gate) * up with the rounding points of torch's bf16 ops
         gate = y.to(tl.float32)
-        silu = round_to(gate / (1.0 + tl.exp(-gate)), dtype).to(tl.float32)
+        silu = round_to(tl.math.div_rn(gate, 1.0 + tl.exp(-gate)), dtype).to(tl.float32)
         y = round_to(silu * round_to(up, dtype).to(tl.float32), dtype)
     out_ptrs = out_ptr + m[:, None].to(tl.int64) * out_stride + n[None, :]
     if EPILOGUE == 1:

@@ -42,8 +42,8 @@ def _lm_head_kernel(out_ptr, x_ptr, norm_ptr, weight_ptr, rows_ptr, batch, hidde
         xs = tl.load(x_ptr + b[:, None] * x_stride + cols[None, :], mask=b_mask[:, None] & (cols < hidden)[None, :],
                      other=0.0).to(tl.float32)
         squares += tl.sum(xs * xs, axis=1)
-    # Correctly rounded (a GPU's tl.sqrt is approximate): the same numbers as the reference.
-    inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(squares / hidden + eps))
+    # Correctly rounded (a GPU's tl.sqrt and fp32 `/` are approximate): the same numbers as the reference.
+    inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.math.div_rn(squares, tl.cast(hidden, tl.float32)) + eps))
     acc = tl.zeros([BLOCK_B, BLOCK_V], tl.float32)
     for start in range(0, hidden, BLOCK_K):
         cols = start + k

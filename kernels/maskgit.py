@@ -27,7 +27,9 @@ def _order_key(x):
     return tl.where((bits >> 31) != 0, ~bits, bits | 0x80000000)
 
 
-@triton.jit(do_not_specialize=["counter"])  # a new pass must not compile a new kernel
+# A new pass, level or frame bucket must not compile a new kernel (Triton specializes ints on
+# == 1 and % 16 == 0): level runs 0..6, counter every pass, positions = frames x levels.
+@triton.jit(do_not_specialize=["counter", "level", "positions"])
 def _maskgit_step_kernel(logits_ptr, codes_ptr, open_ptr, lengths_ptr, prompt_ptr, counts_ptr, seeds_ptr,
                          uniform_ptr, conf_ptr, done_ptr, positions, V, Q, keep, level, counter, divisor,
                          GREEDY: tl.constexpr, HAS_UNIFORM: tl.constexpr, KEY_BITS: tl.constexpr,

@@ -23,8 +23,9 @@ def _rms_norm_kernel(out_ptr, residual_ptr, x_ptr, weight_ptr, hidden, x_row_str
         summed = round_to(h + tl.load(res_ptrs, mask=mask, other=0.0).to(tl.float32), x.dtype)
         tl.store(res_ptrs, summed, mask=mask)
         h = summed.to(tl.float32)
-    # Correctly rounded (a GPU's tl.sqrt is approximate): the same numbers as the reference.
-    inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.sum(h * h, axis=0) / hidden + eps))
+    # Correctly rounded (a GPU's tl.sqrt and fp32 `/` are approximate): the same numbers as the reference.
+    mean_square = tl.math.div_rn(tl.sum(h * h, axis=0), tl.cast(hidden, tl.float32))
+    inv_rms = tl.math.div_rn(1.0, tl.math.sqrt_rn(mean_square + eps))
     normed = round_to(h * inv_rms, x.dtype).to(tl.float32)
     w = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + row * hidden + cols, round_to(w * normed, x.dtype), mask=mask)

@@ -104,7 +104,7 @@ def _scan_all(res_ptr, cb_ptr, row, D, K, SCAN: tl.constexpr):
     return tl.sum(best_j, axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # frames per call vary (streaming chunks): no compile per count
 def _rvq_encode_kernel(x_ptr, x_row_stride, cb_ptr, low, norms_ptr, emax_ptr, demax_ptr, codes_ptr, res_ptr,
                        rlow_ptr, q_ptr, N, D, K, L,
                        PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr, HAS_Q: tl.constexpr,
@@ -274,7 +274,7 @@ def rvq_encode(codes, residual, quantized, x, embed, low, norms, emax, demax, *,
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "FIRST"])  # as encode; FIRST (the first level decoded) varies by caller
 def _rvq_decode_kernel(out_ptr, codes_ptr, cb_ptr, N, D, K, FIRST, LEVELS: tl.constexpr, BM: tl.constexpr,
                        BD: tl.constexpr):
     # LEVELS is unrolled: every level's gather is independent and in flight at once (the

@@ -61,9 +61,10 @@ def code_embedding(out, codes, semantic, code_embed, semantic_embed, rows_per_pr
 @triton.jit
 def _layer_norm(s, live, weight_ptr, bias_ptr, d, dim, eps):
     """LayerNorm of a float32 row (entries outside `live` are ignored and come back as 0)."""
-    mean = tl.sum(tl.where(live, s, 0.0), axis=0) / dim
+    mean = tl.math.div_rn(tl.sum(tl.where(live, s, 0.0), axis=0), tl.cast(dim, tl.float32))
     diff = tl.where(live, s - mean, 0.0)
-    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.sum(diff * diff, axis=0) / dim + eps))  # correctly rounded
+    var = tl.math.div_rn(tl.sum(diff * diff, axis=0), tl.cast(dim, tl.float32))
+    rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(var + eps))  # correctly rounded (as is every division here)
     w = tl.load(weight_ptr + d, mask=live, other=0.0).to(tl.float32)
     b = tl.load(bias_ptr + d, mask=live, other=0.0).to(tl.float32)
     return diff * rstd * w + b
@@ -145,9 +146,9 @@ def _dwconv_norm_kernel(out_ptr, g_ptr, weight_ptr, w_stride_c, w_stride_k, bias
     live = (t < length)[:, None] & c_live[None, :]
     h = tl.where(live, acc, 0.0)  # padded frames are zeroed after the conv
     h = h * tl.sigmoid(h)
-    mean = tl.sum(h, axis=1) / channels
+    mean = tl.math.div_rn(tl.sum(h, axis=1), tl.cast(channels, tl.float32))
     diff = tl.where(c_live[None, :], h - mean[:, None], 0.0)
-    var = tl.sum(diff * diff, axis=1) / channels
+    var = tl.math.div_rn(tl.sum(diff * diff, axis=1), tl.cast(channels, tl.float32))
     rstd = tl.math.div_rn(1.0, tl.math.sqrt_rn(tl.maximum(var, eps)))  # correctly rounded
     gamma = tl.load(gamma_ptr + c, mask=c_live, other=0.0).to(tl.float32)
     y = diff * rstd[:, None] * gamma[None, :]

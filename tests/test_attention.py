@@ -378,8 +378,9 @@ def _packed(k=None, v=None, cu=None, **kw):
                               cu_seqlens_k=torch.tensor([0, k.shape[0]]), **kw)
 
 
-def _paged_prefill(**kw):
-    return A.varlen_attention(_q(3, 4, 64), _q(4, 16, 2, 64), _q(4, 16, 2, 64), torch.tensor([0, 3]), 3, **kw)
+def _paged_prefill(k=None, **kw):
+    k = _q(4, 16, 2, 64) if k is None else k
+    return A.varlen_attention(_q(3, 4, 64), k, k.clone(), torch.tensor([0, 3]), 3, **kw)
 
 
 ARGUMENT_ERRORS = [
@@ -390,7 +391,26 @@ ARGUMENT_ERRORS = [
      r"k_cache.shape=\(4, 16, 2, 32\), expected \[blocks, block_size, 2, 64\]"),
     (lambda: _decode(v_cache=_q(5, 16, 2, 64)), ValueError,
      r"v_cache.shape=\(5, 16, 2, 64\), expected \(4, 16, 2, 64\) like k_cache"),
-    (lambda: _decode(q=_q(3, 4, 258), k_cache=_q(4, 16, 2, 258)), ValueError, "head_dim=258, expected an even size"),
+    (lambda: _decode(q=_q(3, 4, 258), k_cache=_q(4, 16, 2, 258)), ValueError,
+     r"head_dim=258, expected a power of two in 2\.\.256"),
+    # The Triton kernels tile a head, its halves and a cache block whole: powers of two only
+    # (a ValueError here, not a compile error on the GPU).
+    (lambda: _decode(q=_q(3, 4, 96), k_cache=_q(4, 16, 2, 96)), ValueError, "head_dim=96, expected a power of two"),
+    (lambda: _decode(k_cache=_q(4, 12, 2, 64)), ValueError,
+     r"k_cache.shape=\(4, 12, 2, 64\): block_size=12, expected a power of two"),
+    (lambda: A.rope_kv_append(_q(2, 4, 80), _q(2, 2, 80), _q(2, 2, 80), torch.zeros(2, dtype=torch.int64),
+                              torch.zeros(2, dtype=torch.int64), _q(2, 16, 2, 80), _q(2, 16, 2, 80), torch.ones(40)),
+     ValueError, "head_dim=80, expected a power of two"),
+    (lambda: A.rope_kv_append(_q(2, 4, 64), _q(2, 2, 64), _q(2, 2, 64), torch.zeros(2, dtype=torch.int64),
+                              torch.zeros(2, dtype=torch.int64), _q(2, 24, 2, 64), _q(2, 24, 2, 64), torch.ones(32)),
+     ValueError, "block_size=24, expected a power of two"),
+    (lambda: A.varlen_attention(_q(3, 4, 96), _q(3, 2, 96), _q(3, 2, 96), torch.tensor([0, 3]), 3,
+                                cu_seqlens_k=torch.tensor([0, 3])), ValueError, "head_dim=96, expected a power of two"),
+    (lambda: A.varlen_attention(_q(3, 4, 80), _q(4, 16, 2, 80), _q(4, 16, 2, 80), torch.tensor([0, 3]), 3,
+                                kv_lens=torch.tensor([3]), block_tables=torch.zeros(1, 2, dtype=torch.int64)),
+     ValueError, "head_dim=80, expected a power of two"),
+    (lambda: _paged_prefill(k=_q(4, 48, 2, 64), kv_lens=torch.tensor([3]), block_tables=torch.zeros(1, 2).long()),
+     ValueError, "block_size=48, expected a power of two"),
     (lambda: _decode(lens=torch.arange(6)[::2]), ValueError, "seq_lens must be contiguous, got stride 2"),
     (lambda: _decode(out=torch.empty(3, 4, 64, dtype=torch.float16)), ValueError,
      r"out must be a contiguous \(3, 4, 64\) torch.float32 tensor on cpu"),
@@ -445,6 +465,39 @@ def test_decode_clamps_seq_lens_to_the_block_table(backend):
             values = v_cache[tables[b]].flatten(0, 1)
             _check_rule(out[b:b + 1], _attend64(q[b:b + 1], keys, values, False),
                         _same_precision(q[b:b + 1], keys, values, False), torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_paged_prefill_clamps_kv_lens_to_the_block_table(backend, causal):
+    """As decode: paged prefill clamps kv_lens to the table's width * block_size, on the device,
+    in every face; an over-long length attends (bottom-right aligned) to the row's whole table and
+    reads nothing past it. The table is a column slice of a wider one whose further entries name a
+    block of NaN; rows of the next sequence's table would be read as block ids without the clamp."""
+    g = torch.Generator().manual_seed(7)
+    width, page, q_lens = 3, 16, [3, 1, 5]
+    batch = len(q_lens)
+    nan_block = batch * width
+    k_cache = torch.randn(nan_block + 1, page, 2, 64, generator=g)
+    v_cache = torch.randn(nan_block + 1, page, 2, 64, generator=g)
+    k_cache[nan_block] = float("nan")
+    v_cache[nan_block] = float("nan")
+    wide = torch.full((batch, width + 5), nan_block, dtype=torch.int64)
+    wide[:, :width] = torch.randperm(nan_block, generator=g).view(batch, width)
+    k_cache, v_cache, wide = k_cache.to(DEV), v_cache.to(DEV), wide.to(DEV)
+    tables = wide[:, :width]
+    kv_lens = torch.tensor([width * page + 1, 10**6, 2**62], device=DEV)
+    q = _rand((sum(q_lens), 4, 64), torch.float32, g)
+    cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), device=DEV)
+    out = poison(torch.empty_like(q))
+    A.varlen_attention(q, k_cache, v_cache, cu, max(q_lens), causal=causal, kv_lens=kv_lens, block_tables=tables,
+                       out=out, backend=backend)
+    for b in range(batch):
+        rows = slice(int(cu[b]), int(cu[b + 1]))
+        keys = k_cache[tables[b]].flatten(0, 1)  # the row's whole table: width * page tokens
+        values = v_cache[tables[b]].flatten(0, 1)
+        _check_rule(out[rows], _attend64(q[rows], keys, values, causal),
+                    _same_precision(q[rows], keys, values, causal), torch.float32)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])

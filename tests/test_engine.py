@@ -144,6 +144,7 @@ def test_warm_up_covers_the_shapes_and_leaves_no_trace():
     warm = Engine(config, device="cpu", block_size=8, warm_up=True)
     summary = warm.warm_up_summary
     assert summary.prefill_lengths == [1, 2, 3, 5, 9, 17, 33, 65] and summary.prefix_hit_tokens == 16
+    assert summary.decode_batches == [3, 5, 9, 17] and len(summary.sampler_stages) == 5
     assert summary.steps > len(summary.prefill_lengths) and summary.seconds > 0
     assert cold.warm_up_summary is None  # the default on a CPU: no Triton to compile
     assert warm.stats() == cold.stats() and warm.head_rows_read == cold.head_rows_read == 0
@@ -156,6 +157,46 @@ def test_warm_up_covers_the_shapes_and_leaves_no_trace():
     warm.add_request([1, 2, 3], SamplingParams.greedy(2))
     with pytest.raises(RuntimeError, match="warm_up needs an idle engine"):
         warm.warm_up()
+
+
+def test_warm_up_runs_the_sampler_stages_and_decode_rows_serving_meets(monkeypatch):
+    """Each sampler stage set is its own Triton kernel: warm-up must launch every set that AnyGPT's
+    presets (as chat samples them: one sequence), the server's default and greedy select, alone or
+    mixed in one batch (a batch takes the union of its requests' stages), in prefill and in eager
+    decode, and eager decode steps in each row bucket of the decode tiles (3, 5, 9, 17 rows).
+    Recorded at the engine's sampler calls."""
+    import itertools
+
+    from anygpt_engine import engine as engine_module
+    from anygpt_engine.chat.session import chat_params
+    from anygpt_engine.sampling import ANYGPT_PRESETS, SamplerWork
+
+    calls = []  # (stages, rows) of every sampler launch
+    real = engine_module.sample
+
+    def recording(logits, slots, state, constraint, work=SamplerWork.ALL, **kw):
+        calls.append((work, logits.shape[0]))
+        return real(logits, slots, state, constraint, work, **kw)
+
+    config = ModelConfig.preset("tiny").replace(max_seq_len=128)
+    engine = Engine(config, device="cpu", block_size=8)
+    decode_rows = []
+    real_decode = engine._decode
+    monkeypatch.setattr(engine, "_decode", lambda requests: (decode_rows.append(len(requests)),
+                                                             real_decode(requests))[1])
+    monkeypatch.setattr(engine_module, "sample", recording)
+    summary = engine.warm_up()
+    served = [SamplingParams(), SamplingParams.greedy()]
+    served += [chat_params(m) for m in ("text", "speech", "image", "music")]
+    served += [SamplingParams.anygpt(name, num_beams=1) for name in ANYGPT_PRESETS]
+    needed = {SamplerWork.for_params(list(mix)) for n in (1, 2, 3) for mix in itertools.combinations(served, n)}
+    launched = {work for work, _ in calls}
+    assert needed <= launched, needed - launched
+    assert SamplerWork.for_params([chat_params("speech")]) == SamplerWork(True, True, False, True)  # no top-p
+    assert set(summary.sampler_stages) == launched
+    assert {3, 5, 9, 17} <= set(decode_rows) and summary.decode_batches == [3, 5, 9, 17]
+    assert {rows for _, rows in calls} >= {3, 5, 9, 17}  # sampled at those rows (eager decode)
+    assert engine.stats().free_blocks == engine.stats().total_blocks
 
 
 @pytest.mark.parametrize("max_seq_len,num_blocks", [(6, None), (128, 5), (40, 3)])

@@ -190,27 +190,32 @@ def test_launch_counter_counts_per_op_call():
 def test_batch_dependent_int_arguments_are_not_specialized():
     """Triton compiles a new kernel when an int argument changes between 1, a multiple of 16 and
     other values; arguments that follow the batch (rows, block-table widths, split and tile
-    counts) must not be specialized, or serving recompiles mid-stream. Read from the compiled
-    (not interpreted) kernels, in a process without TRITON_INTERPRET."""
+    counts) or the audio (frames, MaskGIT levels and passes, the first RVQ level decoded) must
+    not be specialized, or serving recompiles mid-stream. Read from the compiled (not
+    interpreted) kernels, in a process without TRITON_INTERPRET."""
     import json
     import os
     import subprocess
     import sys
 
-    code = ("import json; from anygpt_engine.kernels import attention as a, gemv as g, lm_head as h; "
-            "print(json.dumps({f.fn.__name__: sorted(f.do_not_specialize) for f in (a._varlen_attention_kernel, "
-            "a._paged_decode_kernel, a._merge_splits_kernel, h._lm_head_kernel, g._gemv_kernel, "
-            "g._qkv_rope_kernel)}))")
+    code = ("import json; from anygpt_engine.kernels import attention as a, gemv as g, lm_head as h, maskgit as m, "
+            "rvq as r; print(json.dumps({f.fn.__name__: sorted(f.do_not_specialize) for f in ("
+            "a._varlen_attention_kernel, a._paged_decode_kernel, a._merge_splits_kernel, h._lm_head_kernel, "
+            "g._gemv_kernel, g._qkv_rope_kernel, m._maskgit_step_kernel, r._rvq_encode_kernel, "
+            "r._rvq_decode_kernel)}))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {
-        "_varlen_attention_kernel": ["bt_stride", "num_tiles"],
+        "_varlen_attention_kernel": ["bt_stride", "bt_width", "num_tiles"],
         "_paged_decode_kernel": ["bt_stride", "bt_width", "num_splits"],
         "_merge_splits_kernel": ["num_splits"],
         "_lm_head_kernel": ["batch"],
         "_gemv_kernel": ["M", "out_stride", "splits", "x_stride"],
         "_qkv_rope_kernel": ["M", "num_slots", "splits", "x_stride"],
+        "_maskgit_step_kernel": ["counter", "level", "positions"],
+        "_rvq_encode_kernel": ["N"],
+        "_rvq_decode_kernel": ["FIRST", "N"],
     }
 
 

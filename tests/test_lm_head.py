@@ -77,6 +77,37 @@ def test_restricted_head_never_reads_other_rows():
     assert torch.equal(got, expected)
 
 
+def test_full_head_is_graph_capturable():
+    """rows=None makes (0, vocab) with device ops only: a tensor from host data (torch.tensor, a
+    host-to-device copy) is illegal inside CUDA graph capture. On a GPU the call is captured and
+    replayed; on the CPU the ops it dispatches are recorded (torch.tensor shows as lift_fresh)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, norm, weight = _inputs(3, 128, 300, torch.float32, seed=4)
+    expected = lm_head(x, norm, 1e-5, weight, rows=torch.tensor([0, 300], device=DEV), backend="triton")
+    out = poison(torch.empty(3, 300, device=DEV))
+    with Recorder() as recorder:
+        lm_head(x, norm, 1e-5, weight, out=out, backend="triton")
+    assert "aten.lift_fresh.default" not in recorder.ops, recorder.ops
+    assert torch.equal(out, expected)
+    if HAS_GPU:
+        graph, out = torch.cuda.CUDAGraph(), poison(torch.empty(3, 300, device=DEV))
+        with torch.cuda.graph(graph):
+            lm_head(x, norm, 1e-5, weight, out=out, backend="triton")
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, expected)
+
+
 def test_speech_span_is_the_legal_rows():
     vocab = Vocabulary.anygpt()
     span = vocab.span("speech")

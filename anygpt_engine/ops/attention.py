@@ -35,7 +35,7 @@ from anygpt_engine.ops.launches import record
 
 
 
-CUDA_DECODE_HEAD_DIMS = (64, 128)  # the CUDA decode kernel's instantiations (Triton takes any)
+CUDA_DECODE_HEAD_DIMS = (64, 128)  # the CUDA decode kernel's instantiations (Triton: any power of two)
 CUDA_DECODE_BLOCK_SIZES = (8, 16, 32, 64)
 
 
@@ -44,6 +44,10 @@ def _heads_view(name, t):
     """A [tokens, heads, head_dim] view whose heads and elements are contiguous."""
     if t.stride(-1) != 1 or t.stride(-2) != t.shape[-1]:
         raise ValueError(f"{name} strides {t.stride()} must be contiguous within each token (heads x head_dim)")
+
+
+def _power_of_two(n) -> bool:
+    return n >= 1 and n & (n - 1) == 0
 
 
 def _check_cache(k_cache, v_cache, dtype, device, num_kv_heads, head_dim):
@@ -56,13 +60,17 @@ def _check_cache(k_cache, v_cache, dtype, device, num_kv_heads, head_dim):
                              f"{head_dim}]")
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"v_cache.shape={tuple(v_cache.shape)}, expected {tuple(k_cache.shape)} like k_cache")
+    if not _power_of_two(k_cache.shape[1]):  # the Triton kernels tile a block whole (tl.arange)
+        raise ValueError(f"k_cache.shape={tuple(k_cache.shape)}: block_size={k_cache.shape[1]}, expected a power "
+                         "of two")
 
 
 def _check_heads(num_q_heads, num_kv_heads, head_dim):
     if num_kv_heads == 0 or num_q_heads % num_kv_heads:
         raise ValueError(f"q has {num_q_heads} heads, not a multiple of the {num_kv_heads} kv heads")
-    if head_dim % 2 or head_dim > 256:
-        raise ValueError(f"head_dim={head_dim}, expected an even size <= 256")
+    # The Triton kernels tile a head (and its rotated halves) whole: tl.arange needs a power of two.
+    if not 2 <= head_dim <= 256 or not _power_of_two(head_dim):
+        raise ValueError(f"head_dim={head_dim}, expected a power of two in 2..256")
 
 
 def _index(name, t, length, device):
@@ -205,7 +213,9 @@ def varlen_attention(q, k, v, cu_seqlens_q, max_q_len: int, *, causal: bool = Tr
     """Attention of packed queries q [Tq, Hq, D] (runs given by cu_seqlens_q [B + 1], int64,
     longest `max_q_len`) over paged K/V (k, v caches with kv_lens [B] and block_tables [B, nb])
     or packed K/V (k, v [Tk, Hkv, D] with cu_seqlens_k [B + 1]; with kv_lens too, run b's keys
-    past kv_lens[b] are padding, as in a padded batch). Returns out [Tq, Hq, D]."""
+    past kv_lens[b] are padding, as in a padded batch). Paged kv_lens past the table's
+    nb * block_size are clamped to it, on the device (as paged decode does), so a wrong length
+    never reads past a row's table. Returns out [Tq, Hq, D]."""
     check_tensor("q", q, 3, FLOAT_TYPES)
     _heads_view("q", q)
     tokens, num_q_heads, head_dim = q.shape
@@ -244,6 +254,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, max_q_len: int, *, causal: bool = Tr
         raise ValueError(f"out must be a contiguous {tuple(q.shape)} {q.dtype} tensor on {q.device}")
     face = varlen_attention_face(q.device, backend)
     if face == "torch":
+        if paged:  # the Triton kernel clamps in-kernel
+            kv_lens = kv_lens.clamp(max=block_tables.shape[1] * k.shape[1])
         return out.copy_(varlen_attention_reference(q, k, v, cu_seqlens_q, causal, scale, kv_lens, block_tables,
                                                     cu_seqlens_k))
     _varlen_attention_kernel(out, q, k, v, cu_seqlens_q, max_q_len, scale, causal, kv_lens, block_tables,

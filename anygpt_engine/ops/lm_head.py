@@ -62,8 +62,8 @@ def lm_head(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torc
     face = _backend.choose("lm_head", x.device, backend, ("triton",), ("torch", "triton"))
     if face == "torch":
         return out.copy_(lm_head_reference(x, norm_weight, eps, weight, rows))
-    if rows is None:
-        rows = torch.tensor([0, vocab], device=x.device)
+    if rows is None:  # (0, vocab) made on the device: no host-to-device copy, so graph capture is safe
+        rows = torch.arange(2, dtype=torch.int64, device=x.device) * vocab
     _lm_head_kernel(out, x, norm_weight, weight, rows, float(eps))
     return out
 

@@ -11,7 +11,7 @@ Stable range names (filter with `nsys ... --nvtx-capture` or `ncu --nvtx --nvtx-
   anygpt/decode_step   one batched decode step (eager or graph replay)
   anygpt/graph_capture capturing the decode graphs at start-up
   anygpt/sample        the sampler
-  anygpt/op/embedding, anygpt/op/rms_norm, anygpt/op/attention, anygpt/op/mlp, anygpt/op/lm_head
+  anygpt/op/embedding, anygpt/op/attention, anygpt/op/mlp, anygpt/op/lm_head
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def test_triton_faces_give_the_torch_paths_tokens(monkeypatch):
     # Two context splits at most: the decode kernel still merges splits, the interpreter does less.
     with tuning.override("attention", decode_max_splits=2):
         got = Engine(CONFIG, **ENGINE).generate(PROMPTS, PARAMS)
-    assert faces == {(op, "triton") for op in ("rms_norm", "rope_kv_append", "varlen_attention", "linear",
+    assert faces == {(op, "triton") for op in ("rope_kv_append", "varlen_attention", "linear",
                                                "linear_rope_kv_append", "paged_decode_attention", "lm_head",
                                                "sample_tokens")}
     assert got == expected

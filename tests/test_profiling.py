@@ -24,7 +24,7 @@ def test_ranges_cover_steps_and_ops(recorded):
     opened = [n for n in recorded if n is not None]
     assert len(opened) == recorded.count(None)  # balanced
     for name in ("anygpt/step", "anygpt/prefill", "anygpt/decode_step", "anygpt/sample", "anygpt/op/embedding",
-                 "anygpt/op/rms_norm", "anygpt/op/attention", "anygpt/op/mlp", "anygpt/op/lm_head"):
+                 "anygpt/op/attention", "anygpt/op/mlp", "anygpt/op/lm_head"):
         assert name in opened, name
 
 

@@ -283,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch-size", type=int, default=32)
     s.add_argument("--num-blocks", type=int, default=None, help="KV cache blocks (default: sized from memory)")
     s.add_argument("--kv-cache-memory-fraction", type=float, default=0.4, metavar="F",
-                   help="share of the free GPU memory the KV cache takes without --num-blocks")
+                   help="share of the free GPU memory the KV cache takes without --num-blocks, measured when "
+                        "the engine starts, before the speech and image models load (leave them room)")
     s.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
     s.add_argument("--max-num-batched-tokens", type=int, default=4096, metavar="N",
                    help="prompt tokens one step may prefill (longer prompts are chunked)")

@@ -214,12 +214,14 @@ class BeamSearch:
         if len(rows) != logits.shape[0]:
             raise ValueError(f"logits has {logits.shape[0]} rows, the groups' live beams {len(rows)}")
         slots, index, running, keep = zip(*rows)
-        scores, keys, ids = beam_candidates(
-            logits, torch.tensor(slots, device=device), torch.tensor(index, device=device),
-            torch.tensor(running, dtype=torch.float32, device=device), self.state, self.constraint,
-            max(g.num_candidates for g in groups), torch.tensor(keep, device=device),
+        slots, index, keep = torch.tensor([slots, index, keep], device=device)  # one copy to the device
+        candidates = beam_candidates(
+            logits, slots, index, torch.tensor(running, dtype=torch.float32, device=device), self.state,
+            self.constraint, max(g.num_candidates for g in groups), keep,
             SamplerWork.for_params([g.request.params for g in groups]))
-        scores, keys, ids = scores.tolist(), keys.tolist(), ids.tolist()
+        # One copy back: token ids (< 2^24) are exact in float32.
+        scores, keys, ids = torch.stack([c.float() for c in candidates]).tolist()
+        ids = [[int(token) for token in row] for row in ids]
 
         finished, moves, appended = [], {}, ([], [])
         start = 0

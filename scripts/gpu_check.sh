@@ -79,6 +79,7 @@ case "$mode" in
       limit=40 extra=()
       case "$name" in
         bench_beam|bench_speech|bench_serving|bench_gemv|bench_image) continue ;;  # each in its own mode
+        bench_tensor_parallel) [ "$(nvidia-smi -L 2>/dev/null | wc -l)" -gt 1 ] || continue ;;  # TP=1 is core's bench
         bench_soundstorm) limit=80 ;;
         bench_attention) limit=150 extra=(--write-tuning) ;;
         bench_rvq) limit=120 extra=(--write-tuning --sizes 2000 32000) ;;

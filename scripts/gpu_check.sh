@@ -151,7 +151,8 @@ lines += [f"| {l.split()[0]} | {' '.join(l.split()[1:])} |" for l in (out / "ste
 keys = ["gpu", "batch_size", "ttft_ms", "decode_tok_s", "step_ms_p50", "step_ms_p99", "achieved_gb_s",
         "fraction_of_copy_bandwidth", "end_to_end_tok_s", "hf_end_to_end_tok_s", "speedup_vs_hf",
         "greedy_tokens_equal_to_hf", "reference_decode_tok_s", "speedup_vs_reference",
-        "greedy_tokens_equal_to_reference", "graph_capture_s", "graph_buckets_used", "sm_clock_mhz", "power_w"]
+        "greedy_tokens_equal_to_reference", "graph_capture_s", "graph_buckets_used", "sm_clock_mhz", "power_w",
+        "cuda_kernels_built", "faces"]
 for name in ("bench_b1", "bench_b16"):
     f = out / f"{name}.json"
     if f.exists():

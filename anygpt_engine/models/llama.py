@@ -174,7 +174,6 @@ class Llama(nn.Module):
         `kv_layers` (one tensor per layer) read and written in place. S == 1 is a decode step;
         S > 1 a prefill chunk of one sequence (B == 1), or of several packed as `runs` (then
         block_tables is unused). The states are those before the final RMSNorm: `head` fuses it."""
-        c = self.config
         b, s = tokens.shape
         kv_lens = positions[:, -1] + 1  # each row's context after this step (shared by every layer)
         if runs is None and s > 1:

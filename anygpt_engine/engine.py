@@ -197,7 +197,6 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._requests: dict[object, Request] = {}
-        self.head_rows_read = 0  # LM head rows read by decode steps, summed over their requests
         self._aborted: list[RequestOutput] = []
 
         self.block_size = block_size
@@ -206,15 +205,12 @@ class Engine:
             num_blocks = self._default_num_blocks(blocks_per_seq * max_batch_size + 1, kv_cache_memory_fraction)
         self.kv_cache = PagedKVCache(self.model.config, num_blocks, block_size, self.device, self.dtype)
         self._scheduling = (num_blocks, block_size, enable_prefix_caching, max_batch_size, max_num_batched_tokens)
-        self.scheduler = Scheduler(BlockManager(num_blocks, block_size, enable_prefix_caching), max_batch_size,
-                                   max_num_batched_tokens)
         # One sampling slot per schedulable row plus a scratch slot for padding and beam rows.
         self.scratch_slot = max_batch_size
         self.sampling_state = SamplingState(max_batch_size + 1, config.vocab_size, self.device)
         self.sampling_state.assign(self.scratch_slot, SamplingParams.greedy(), 0, [], (), 0)
-        self.beam_search = BeamSearch(self.scheduler.blocks, self.sampling_state, self.constraint)
-
         self.graphs = None
+        self._reset_bookkeeping()  # the scheduler, block manager, beam search and counters
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         if cuda_graphs and self.device.type != "cuda":
@@ -240,7 +236,7 @@ class Engine:
         num_blocks, block_size, prefix_caching, max_batch_size, max_tokens = self._scheduling
         self.scheduler = Scheduler(BlockManager(num_blocks, block_size, prefix_caching), max_batch_size, max_tokens)
         self.beam_search = BeamSearch(self.scheduler.blocks, self.sampling_state, self.constraint)
-        self.head_rows_read = 0
+        self.head_rows_read = 0  # LM head rows read by decode steps, summed over their requests
         if self.graphs is not None:
             self.graphs.used.clear()
 

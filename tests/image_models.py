@@ -93,6 +93,15 @@ def random_tensors(shapes, generator):
     return out
 
 
+def picture(height: int, width: int, seed: int, mode: str = "RGB"):
+    """A PIL image of random pixels (RGB, or grayscale with mode="L")."""
+    import numpy as np
+    from PIL import Image
+
+    shape = (height, width, 3) if mode == "RGB" else (height, width)
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8))
+
+
 def chat_image_tokenizer(tmp_path, seed: int = 0):
     """A random SEED of CHAT_CONFIG on the CPU with the tiny unCLIP pipeline loaded."""
     from anygpt_engine.codecs import SeedImageTokenizer

@@ -438,13 +438,10 @@ def test_attention_argument_checks(call, error, message):
 
 
 # -- paged decode: seq_lens clamped to the table; CUDA only for its instantiated shapes -------------
-@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_decode_clamps_seq_lens_to_the_block_table(backend):
-    """seq_lens stays on the device unchecked (checking would sync); every face clamps it to the
-    table's width, so an over-long length attends to the row's whole table and reads nothing past
-    it. The table is a column slice of a wider one whose further entries name a block of NaN."""
-    g = torch.Generator().manual_seed(5)
-    batch, width, page = 3, 3, 16
+def _tables_before_nan(g, batch, width, page):
+    """Random caches [batch * width + 1, page, 2, 64] whose last block is NaN, and block tables
+    [batch, width] (a permutation of the other blocks) sliced from wider rows that go on naming
+    the NaN block: a kernel reading past a row's width shows as NaN."""
     nan_block = batch * width
     k_cache = torch.randn(nan_block + 1, page, 2, 64, generator=g)
     v_cache = torch.randn(nan_block + 1, page, 2, 64, generator=g)
@@ -452,8 +449,17 @@ def test_decode_clamps_seq_lens_to_the_block_table(backend):
     v_cache[nan_block] = float("nan")
     wide = torch.full((batch, width + 5), nan_block, dtype=torch.int64)
     wide[:, :width] = torch.randperm(nan_block, generator=g).view(batch, width)
-    k_cache, v_cache, wide = k_cache.to(DEV), v_cache.to(DEV), wide.to(DEV)
-    tables = wide[:, :width]
+    return k_cache.to(DEV), v_cache.to(DEV), wide.to(DEV)[:, :width]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_decode_clamps_seq_lens_to_the_block_table(backend):
+    """seq_lens stays on the device unchecked (checking would sync); every face clamps it to the
+    table's width, so an over-long length attends to the row's whole table and reads nothing past
+    it. The table is a column slice of a wider one whose further entries name a block of NaN."""
+    g = torch.Generator().manual_seed(5)
+    batch, width, page = 3, 3, 16
+    k_cache, v_cache, tables = _tables_before_nan(g, batch, width, page)
     seq_lens = torch.tensor([width * page + 1, 10**6, 2**62], device=DEV)
     q = _rand((batch, 8, 64), torch.float32, g)
     for num_splits in ((None, 2) if backend != "torch" else (None,)):
@@ -477,15 +483,7 @@ def test_paged_prefill_clamps_kv_lens_to_the_block_table(backend, causal):
     g = torch.Generator().manual_seed(7)
     width, page, q_lens = 3, 16, [3, 1, 5]
     batch = len(q_lens)
-    nan_block = batch * width
-    k_cache = torch.randn(nan_block + 1, page, 2, 64, generator=g)
-    v_cache = torch.randn(nan_block + 1, page, 2, 64, generator=g)
-    k_cache[nan_block] = float("nan")
-    v_cache[nan_block] = float("nan")
-    wide = torch.full((batch, width + 5), nan_block, dtype=torch.int64)
-    wide[:, :width] = torch.randperm(nan_block, generator=g).view(batch, width)
-    k_cache, v_cache, wide = k_cache.to(DEV), v_cache.to(DEV), wide.to(DEV)
-    tables = wide[:, :width]
+    k_cache, v_cache, tables = _tables_before_nan(g, batch, width, page)
     kv_lens = torch.tensor([width * page + 1, 10**6, 2**62], device=DEV)
     q = _rand((sum(q_lens), 4, 64), torch.float32, g)
     cu = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), device=DEV)

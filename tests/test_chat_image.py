@@ -16,7 +16,7 @@ from anygpt_engine.chat.template import ReplySpan, modality_string, parse_reply,
 from anygpt_engine.chat.terminal import Turns, parse_line
 from anygpt_engine.models.seed import SeedConfig
 from anygpt_tokenizers import sentencepiece_model, write_sentencepiece_dir
-from image_models import CHAT_CONFIG, chat_image_tokenizer, save_published, tiny_unclip_pipeline
+from image_models import CHAT_CONFIG, chat_image_tokenizer, picture, save_published, tiny_unclip_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 pytest.importorskip("sentencepiece")
@@ -37,12 +37,6 @@ def engine(sp_dir):
 @pytest.fixture(scope="module")
 def seed_tokenizer(tmp_path_factory):
     return chat_image_tokenizer(tmp_path_factory.mktemp("unclip"))
-
-
-def picture(height, width, seed, mode="RGB"):
-    g = np.random.default_rng(seed)
-    shape = (height, width, 3) if mode == "RGB" else (height, width)
-    return Image.fromarray(g.integers(0, 256, shape, dtype=np.uint8))
 
 
 def spelled(engine, seed_tokenizer, image) -> str:

@@ -22,7 +22,7 @@ from anygpt_engine.serving.async_engine import AsyncEngine
 from anygpt_engine.serving.image import ImageIO
 from anygpt_engine.serving.server import OpenAIServer
 from anygpt_tokenizers import sentencepiece_model, write_sentencepiece_dir
-from image_models import CHAT_CONFIG, TINY, chat_image_tokenizer
+from image_models import CHAT_CONFIG, TINY, chat_image_tokenizer, picture
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 pytest.importorskip("fastapi")
@@ -100,10 +100,6 @@ def servers(sp_dir, seed_tokenizer, reference):
                OpenAIServer(engine, model_name=MODEL))
     finally:
         engine.close()
-
-
-def picture(height, width, seed):
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def data_url(image, fmt="PNG") -> str:
